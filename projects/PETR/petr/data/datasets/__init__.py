@@ -1,0 +1,1 @@
+"""Datasets PETR registers on import (CrowdPose, the toy dataset) and COCO sigmas."""
