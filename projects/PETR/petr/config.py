@@ -28,7 +28,6 @@ def _add_model_config(cfg):
     p.ENC_N_POINTS = 4  # per level, encoder and heatmap encoder
     p.JOINT_DEC_N_POINTS = 4  # per level; the pose decoder samples one point per keypoint
     p.KPT_HEAD_HIDDEN_DIM = 512  # fixed in the official code, not tied to HIDDEN_DIM
-    p.JOINT_HEAD_HIDDEN_DIM = 256
     p.NUM_QUERIES = 300
     p.NUM_PROPOSALS = 300  # top-k encoder tokens; must equal NUM_QUERIES (query i <-> proposal i)
     p.DETECTIONS_PER_IMAGE = 100

@@ -1,0 +1,3 @@
+from .channel_mapper import PETRChannelMapper
+
+__all__ = ["PETRChannelMapper"]

@@ -1,0 +1,232 @@
+"""PETR as a Detectron2 meta-architecture.
+
+preprocess -> backbone -> neck -> deformable encoder -> point proposals -> pose decoder
+-> joint decoder -> criterion (training) | postprocess (inference).
+Follows the official implementation (hikvision-research/opera, PETR / PETRHead / PETRTransformer).
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+
+from ..data.metadata import num_keypoints_from_metadata, oks_sigmas_from_metadata
+from .backbone.channel_mapper import PETRChannelMapper
+from .criterion import PETRCriterion
+from .matcher import PETRHungarianMatcher
+from .postprocess import poses_to_instances
+from .transformer.encoder import PETRTransformerEncoder
+from .transformer.heatmap import PETRHeatmapHead
+from .transformer.joint_decoder import PETRJointDecoder
+from .transformer.pose_decoder import PETRPoseDecoder
+from .transformer.position_encoding import PETRSinePositionEncoding
+from .transformer.proposals import PETRPointProposals
+
+__all__ = ["PETR"]
+
+
+@META_ARCH_REGISTRY.register()
+class PETR(nn.Module):
+    """End-to-end multi-person pose estimation with transformers (Shi et al., CVPR 2022)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        neck: PETRChannelMapper,
+        position_encoding: nn.Module,
+        encoder: PETRTransformerEncoder,
+        proposals: PETRPointProposals,
+        pose_decoder: PETRPoseDecoder,
+        joint_decoder: PETRJointDecoder,
+        heatmap_head: PETRHeatmapHead,
+        matcher: PETRHungarianMatcher,
+        criterion: PETRCriterion,
+        num_keypoints: int,
+        detections_per_image: int,
+        pixel_mean,
+        pixel_std,
+        input_format: str = "RGB",
+        size_divisibility: int = 1,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.position_encoding = position_encoding
+        self.encoder = encoder
+        self.proposals = proposals
+        self.pose_decoder = pose_decoder
+        self.joint_decoder = joint_decoder
+        self.heatmap_head = heatmap_head
+        self.matcher = matcher
+        self.criterion = criterion
+        self.num_keypoints = num_keypoints
+        self.detections_per_image = detections_per_image
+        self.input_format = input_format
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        p = cfg.MODEL.PETR
+        names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+        meta = MetadataCatalog.get(names[0]) if names else None
+        K = num_keypoints_from_metadata(meta, default=p.NUM_KEYPOINTS)
+        for other in names[1:]:
+            k_other = num_keypoints_from_metadata(MetadataCatalog.get(other), default=K)
+            if k_other != K:
+                raise ValueError(f"Datasets {names[0]} and {other} have {K} vs {k_other} keypoints")
+        sigmas = oks_sigmas_from_metadata(meta, K, p.OKS_SIGMAS)
+        backbone = build_backbone(cfg)
+        C, heads, ffn, drop, L = (
+            p.HIDDEN_DIM, p.NUM_HEADS, p.DIM_FEEDFORWARD, p.DROPOUT, p.NUM_FEATURE_LEVELS
+        )  # fmt: skip
+        common = dict(dim=C, num_heads=heads, ffn_dim=ffn, dropout=drop)
+        matcher = PETRHungarianMatcher(
+            cost_class=p.MATCH_CLS_WEIGHT,
+            cost_kpt=p.MATCH_KPT_WEIGHT,
+            cost_oks=p.MATCH_OKS_WEIGHT,
+            focal_alpha=p.FOCAL_ALPHA,
+            focal_gamma=p.FOCAL_GAMMA,
+            oks_sigmas=sigmas,
+        )
+        weights = {
+            "cls": p.CLS_WEIGHT, "kpt": p.KPT_WEIGHT, "oks": p.OKS_WEIGHT, "hm": p.HM_WEIGHT,
+            "kpt_refine": p.KPT_REFINE_WEIGHT, "oks_refine": p.OKS_REFINE_WEIGHT,
+            "cls_enc": p.ENC_CLS_WEIGHT, "kpt_enc": p.ENC_KPT_WEIGHT,
+        }  # fmt: skip
+        return {
+            "backbone": backbone,
+            "neck": PETRChannelMapper(backbone.output_shape(), p.IN_FEATURES, C, L),
+            "position_encoding": PETRSinePositionEncoding(C // 2, p.POS_TEMPERATURE),
+            "encoder": PETRTransformerEncoder(
+                **common, num_layers=p.ENC_LAYERS, num_levels=L, num_points=p.ENC_N_POINTS
+            ),
+            "proposals": PETRPointProposals(
+                dim=C, num_keypoints=K, num_proposals=p.NUM_PROPOSALS,
+                kpt_hidden_dim=p.KPT_HEAD_HIDDEN_DIM,
+            ),  # fmt: skip
+            "pose_decoder": PETRPoseDecoder(
+                **common, num_layers=p.POSE_DEC_LAYERS, num_levels=L, num_keypoints=K,
+                num_queries=p.NUM_QUERIES, kpt_hidden_dim=p.KPT_HEAD_HIDDEN_DIM,
+            ),  # fmt: skip
+            "joint_decoder": PETRJointDecoder(
+                **common, num_layers=p.JOINT_DEC_LAYERS, num_levels=L,
+                num_points=p.JOINT_DEC_N_POINTS, num_keypoints=K,
+            ),  # fmt: skip
+            "heatmap_head": PETRHeatmapHead(
+                **common, num_layers=p.HM_ENC_LAYERS, num_points=p.ENC_N_POINTS, num_keypoints=K
+            ),
+            "matcher": matcher,
+            "criterion": PETRCriterion(
+                matcher=matcher, num_keypoints=K, oks_sigmas=sigmas, weights=weights,
+                focal_alpha=p.FOCAL_ALPHA, focal_gamma=p.FOCAL_GAMMA,
+            ),  # fmt: skip
+            "num_keypoints": K,
+            "detections_per_image": p.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "size_divisibility": p.SIZE_DIVISIBILITY,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise each image, then zero-pad the batch bottom/right (the official collate)."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]  # fmt: skip
+        return ImageList.from_tensors(images, self.size_divisibility, pad_value=0.0)
+
+    def encode(self, images: ImageList):
+        """Backbone, neck and deformable encoder. Returns the EncoderMemory."""
+        B, _, H, W = images.tensor.shape
+        mask = torch.ones((B, H, W), dtype=torch.bool, device=self.device)  # True = padding
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = False
+        features = self.neck(self.backbone(images.tensor))
+        masks = [F.interpolate(mask[None].float(), size=f.shape[-2:])[0].bool() for f in features]
+        pos = [self.position_encoding(m).to(f.dtype) for f, m in zip(features, masks)]
+        return self.encoder(features, masks, pos)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """batched_inputs: Detectron2 dicts with "image" (C, H, W) in INPUT.FORMAT and, for
+        training, "instances" with gt_keypoints (pixels of that image), gt_areas and gt_boxes.
+        Training returns a dict of weighted losses; inference a list of {"instances": ...}."""
+        images = self.preprocess_image(batched_inputs)
+        enc = self.encode(images)
+        prop = self.proposals(enc)
+        _, logits, kpts = self.pose_decoder(enc, prop["reference_points"])
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images.image_sizes)
+            return self.losses(enc, prop, logits, kpts, targets)
+        return self.inference(enc, logits, kpts, batched_inputs, images.image_sizes)
+
+    def prepare_targets(self, batched_inputs, image_sizes):
+        targets = []
+        for x, size in zip(batched_inputs, image_sizes):
+            if "instances" not in x:
+                raise KeyError("PETR training needs 'instances' in every input dict")
+            inst = x["instances"].to(self.device)
+            kpts = inst.gt_keypoints.tensor
+            if kpts.shape[1] != self.num_keypoints:
+                raise ValueError(
+                    f"Image {x.get('file_name', '?')}: gt_keypoints has {kpts.shape[1]} "
+                    f"keypoints, the model expects {self.num_keypoints}"
+                )
+            targets.append(
+                {
+                    "keypoints": kpts,
+                    "areas": inst.gt_areas.float(),
+                    "boxes": inst.gt_boxes.tensor,
+                    "image_size": tuple(size),
+                }
+            )
+        return targets
+
+    def losses(self, enc, prop, logits, kpts, targets):
+        last_indices = self.matcher(logits[-1], kpts[-1], targets)
+        # The joint decoder refines the matched poses of the last layer (detached).
+        selected = [kpts[-1][b, pred.to(self.device)] for b, (pred, _) in enumerate(last_indices)]
+        counts = [int(s.shape[0]) for s in selected]
+        dummy = sum(counts) == 0
+        if dummy:  # keep the joint decoder in the graph; its losses are multiplied by 0
+            selected = [kpts.new_zeros(1, kpts.shape[-1])]
+            counts = [1] + [0] * (len(targets) - 1)
+        joint_kpts = self.joint_decoder(enc, torch.cat(selected).detach(), counts)
+        hm_logits, hm_mask = self.heatmap_head(enc)
+        outputs = {
+            "pose_logits": logits,
+            "pose_kpts": kpts,
+            "enc_logits": prop["enc_logits"],
+            "enc_kpts": prop["enc_kpts"],
+            "last_indices": last_indices,
+            "joint_kpts": joint_kpts,
+            "joint_dummy": dummy,
+            "hm_logits": hm_logits,
+            "hm_padding_mask": hm_mask,
+        }
+        return self.criterion(outputs, targets)
+
+    def inference(self, enc, logits, kpts, batched_inputs, image_sizes):
+        """Top poses by score, refined by the joint decoder, in original-image pixels."""
+        B, Q, _ = logits[-1].shape
+        k = min(self.detections_per_image, Q)
+        scores, idx = logits[-1][..., 0].sigmoid().topk(k, dim=1)  # (B, k), sorted
+        top = torch.gather(kpts[-1], 1, idx[..., None].expand(-1, -1, kpts.shape[-1]))
+        refined = self.joint_decoder(enc, top.flatten(0, 1), [k] * B)[-1]  # (B*k, K, 2)
+        refined = refined.view(B, k, self.num_keypoints, 2)
+        results = []
+        for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
+            out_size = (x.get("height", size[0]), x.get("width", size[1]))
+            results.append({"instances": poses_to_instances(refined[b], scores[b], size, out_size)})
+        return results

@@ -1,0 +1,67 @@
+"""PETR's joint decoder (hikvision-research/opera, PETRTransformer.forward_refine): K learned
+joint queries, shared by every pose, refine each selected pose's keypoints with standard
+deformable attention around each joint."""
+
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from .attention import PETRMSDeformAttn
+from .common import inverse_sigmoid, mlp, xavier_init_
+from .decoder_layer import PETRDecoderLayer
+from .encoder import EncoderMemory
+
+
+class PETRJointDecoder(nn.Module):
+    def __init__(
+        self, *, dim, num_heads, ffn_dim, dropout, num_layers, num_levels, num_points,
+        num_keypoints,
+    ):  # fmt: skip
+        super().__init__()
+        # rows: [query_pos | query content], one per joint
+        self.query_embed = nn.Embedding(num_keypoints, 2 * dim)
+        self.layers = nn.ModuleList(
+            PETRDecoderLayer(
+                dim, num_heads, ffn_dim, dropout,
+                PETRMSDeformAttn(dim, num_heads, num_levels, num_points, dropout, im2col_step=128),
+            )  # fmt: skip
+            for _ in range(num_layers)
+        )
+        self.kpt_heads = nn.ModuleList(
+            mlp([dim, dim, dim, 2]) for _ in range(num_layers)
+        )
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        xavier_init_(self.layers)
+        for layer in self.layers:
+            layer.cross_attn._reset_parameters()
+        nn.init.normal_(self.query_embed.weight)
+
+    def forward(self, enc: EncoderMemory, kpts: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        """kpts (N, 2K) normalised interleaved poses, ordered by image; counts: poses per image.
+
+        Returns the refined keypoints of every layer, (Lj, N, K, 2) normalised (x, y)."""
+        N = kpts.shape[0]
+        img_inds = torch.repeat_interleave(
+            torch.arange(len(counts), device=kpts.device), torch.as_tensor(counts, device=kpts.device)
+        )
+        pos, x = self.query_embed.weight.split(self.query_embed.weight.shape[1] // 2, dim=1)
+        pos = pos[None].expand(N, -1, -1)
+        x = x[None].expand(N, -1, -1)
+        ratios = enc.valid_ratios[img_inds][:, None]  # (N, 1, L, 2)
+        ref = kpts.detach().view(N, -1, 2)
+        outputs = []
+        for layer, kpt_head in zip(self.layers, self.kpt_heads):
+            x = layer.self_attention(x, pos)
+            value = layer.cross_attn.project_value(enc.memory, enc.padding_mask)
+            x = layer.cross_attn.forward_grouped(
+                x, pos, ref[:, :, None] * ratios, value, enc.spatial_shapes,
+                enc.level_start_index, counts,
+            )  # fmt: skip
+            x = layer.feed_forward(x)
+            new_ref = (kpt_head(x) + inverse_sigmoid(ref)).sigmoid()
+            outputs.append(new_ref)
+            ref = new_ref.detach()
+        return torch.stack(outputs)

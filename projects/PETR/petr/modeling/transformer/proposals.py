@@ -1,0 +1,78 @@
+"""Two-stage point proposals of PETR (hikvision-research/opera, PETRTransformer).
+
+Every encoder token proposes one pose: its centre plus 2K keypoint offsets in logit space. The
+top-k tokens by class score give the initial keypoint references of the pose queries (the queries
+themselves stay learned embeddings).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .common import inverse_sigmoid, mlp
+from .encoder import EncoderMemory
+
+
+def token_centre_logits(padding_mask, spatial_shapes):
+    """Logit of every token's centre, normalised by its level's valid size: (B, S, 2) (x, y),
+    and (B, S) True where the token is usable (not padding, centre inside (0.01, 0.99))."""
+    B = padding_mask.shape[0]
+    centres, start = [], 0
+    for h, w in spatial_shapes.tolist():
+        m = padding_mask[:, start : start + h * w].view(B, h, w)
+        valid_h = (~m[:, :, 0]).sum(1)
+        valid_w = (~m[:, 0, :]).sum(1)
+        dev = padding_mask.device
+        gy, gx = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=torch.float32, device=dev),
+            torch.linspace(0, w - 1, w, dtype=torch.float32, device=dev),
+            indexing="ij",
+        )
+        grid = torch.stack([gx, gy], -1)  # (h, w, 2)
+        scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
+        centres.append(((grid[None] + 0.5) / scale).view(B, -1, 2))
+        start += h * w
+    p = torch.cat(centres, 1)
+    usable = ((p > 0.01) & (p < 0.99)).all(-1) & ~padding_mask
+    logits = torch.log(p / (1 - p)).masked_fill(~usable[..., None], float("inf"))
+    return logits, usable
+
+
+class PETRPointProposals(nn.Module):
+    """Scores every encoder token and predicts its pose; returns the top-k poses as references."""
+
+    def __init__(self, *, dim, num_keypoints, num_proposals, kpt_hidden_dim=512):
+        super().__init__()
+        self.num_proposals = num_proposals
+        self.output_proj = nn.Linear(dim, dim)
+        self.output_norm = nn.LayerNorm(dim)
+        self.class_head = nn.Linear(dim, 1)
+        self.kpt_head = mlp([dim, kpt_hidden_dim, kpt_hidden_dim, kpt_hidden_dim, 2 * num_keypoints])
+        nn.init.xavier_uniform_(self.output_proj.weight)  # part of the official transformer init
+        nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
+
+    def forward(self, enc: EncoderMemory):
+        """Returns dict: enc_logits (B, S, 1); enc_kpts (B, S, 2K) normalised interleaved (x, y);
+        reference_points (B, num_proposals, 2K) normalised, detached."""
+        centres, usable = token_centre_logits(enc.padding_mask, enc.spatial_shapes)
+        # Padded and out-of-range tokens see zero memory, so they share one constant score and
+        # can still be selected (inherited from the official two-stage code).
+        mem = enc.memory.masked_fill(~usable[..., None], 0.0)
+        mem = self.output_norm(self.output_proj(mem))
+        logits = self.class_head(mem)
+        delta = self.kpt_head(mem)
+        B, S, _ = delta.shape
+        kpt_logits = (delta.view(B, S, -1, 2) + centres[:, :, None, :]).view(B, S, -1)
+        if S < self.num_proposals:
+            raise ValueError(
+                f"The image gives {S} encoder tokens, fewer than MODEL.PETR.NUM_PROPOSALS="
+                f"{self.num_proposals}: use a larger input or fewer proposals"
+            )
+        topk = torch.topk(logits[..., 0], self.num_proposals, dim=1)[1]
+        ref_logits = torch.gather(kpt_logits, 1, topk[..., None].expand(-1, -1, kpt_logits.shape[-1]))
+        return {
+            "enc_logits": logits,
+            "enc_kpts": kpt_logits.sigmoid(),
+            "reference_points": ref_logits.detach().sigmoid(),
+        }
