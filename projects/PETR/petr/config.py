@@ -73,12 +73,50 @@ def _add_swin_config(cfg):
 
 
 def _add_data_config(cfg):
-    pass
+    # Policy 1 of the official AutoAugment (and the last step of policy 2): short side a random
+    # integer in [400, 1400], long side capped at 1400. Test: Detectron2's 800 / 1333 defaults.
+    cfg.INPUT.MIN_SIZE_TRAIN = (400, 1400)
+    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "range"
+    cfg.INPUT.MAX_SIZE_TRAIN = 1400
+    # Policy 2: short side one of CROP_MIN_SIZE_TRAIN (long cap 4200), then an absolute_range
+    # crop of [384, 600] per side, then policy 1. CROP.ENABLED False keeps only policy 1.
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute_range"
+    cfg.INPUT.CROP.SIZE = [384, 600]
+    cfg.INPUT.PETR = CN()
+    p = cfg.INPUT.PETR
+    p.CROP_MIN_SIZE_TRAIN = (400, 500, 600)
+    p.CROP_MAX_SIZE_TRAIN = 4200
+    p.PHOTOMETRIC = True  # mmdet PhotoMetricDistortion (brightness, contrast, HSV, channels)
+    p.ROTATION_DEGREES = 30.0  # rotation ~ U(-30, 30) degrees about the centre, always applied
+    p.SHEAR_DEGREES = 0.0  # CrowdPose: 2.0
+    p.FLIP_PROB = 0.5  # horizontal; needs keypoint_flip_map in the dataset metadata
 
 
 def _add_solver_config(cfg):
-    pass
+    s = cfg.SOLVER
+    s.OPTIMIZER = "ADAMW"  # or "SGD" (Detectron2's default)
+    s.BETAS = (0.9, 0.999)
+    # The official learning-rate multipliers: a parameter whose full name contains the key gets
+    # lr x value; the longest matching key wins (mmcv's paramwise custom_keys).
+    s.LR_MULT_KEYS = ["backbone", "sampling_offsets"]
+    s.LR_MULT_VALUES = [0.1, 0.1]
+    # CLIP_TYPE "full_model": one global L2 norm over every parameter (the official grad_clip),
+    # on top of Detectron2's per-parameter "value" and "norm".
+    s.AMP.PRECISION = "float16"  # or "bfloat16"; AMP needs CUDA (Detectron2's AMPTrainer)
 
 
 def _add_test_config(cfg):
-    pass
+    # Test-time augmentation (PETRWithTTA) reuses Detectron2's TEST.AUG keys. Defaults: the
+    # paper's multi-scale test (short sides 800 / 1000 / 1200, long side <= 1333 / 800 * 1200)
+    # with flip. The official CrowdPose flip test is MIN_SIZES (800,), MAX_SIZE 1333, FLIP True.
+    a = cfg.TEST.AUG
+    a.MIN_SIZES = (800, 1000, 1200)
+    a.MAX_SIZE = 2000
+    a.FLIP = True
+    # "soft_nms": the official merge (concatenate all views, linear soft-NMS on keypoint boxes);
+    # "oks_average": match views to the reference view by OKS, average matched poses.
+    a.MERGE = "soft_nms"
+    a.SOFT_NMS_IOU_THRESH = 0.5
+    a.SOFT_NMS_MIN_SCORE = 1e-3
+    a.MATCH_OKS_THRESH = 0.5  # "oks_average": lower-OKS pairs stay separate poses

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train and evaluate PETR, as Detectron2's tools/train_net.py does.
+
+    python tools/train_net.py --config-file configs/petr_R50.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/petr_R50.yaml --eval-only MODEL.WEIGHTS m.pth
+    python tools/train_net.py --config-file configs/petr_toy.yaml --resume
+Runs on CPU machines too (MODEL.DEVICE cpu; --num-gpus N then starts N gloo processes).
+"""
+
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from petr import add_petr_config
+from petr.engine import PETRTrainer
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_petr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = PETRTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = PETRTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = PETRTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_gpus)))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
