@@ -51,6 +51,10 @@ def _add_model_config(cfg):
     p.OKS_SIGMAS = []
     p.NUM_KEYPOINTS = 17  # used only when the training dataset's metadata has no keypoint_names
     p.SIZE_DIVISIBILITY = 1  # the official Pad(size_divisor=1)
+    # Added to predicted keypoints (original-image pixels). Detectron2's loaders add 0.5 to json
+    # keypoints and COCOEvaluator subtracts it; the official models were trained on raw json
+    # coordinates, so converted official checkpoints want 0.5 here. Models trained here want 0.
+    p.OUTPUT_PIXEL_OFFSET = 0.0
 
 
 def _add_swin_config(cfg):

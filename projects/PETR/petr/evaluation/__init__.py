@@ -1,0 +1,37 @@
+"""Evaluation: Detectron2's COCOEvaluator with the dataset's OKS sigmas, or CrowdPose's E/M/H."""
+
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator
+
+from ..data.metadata import num_keypoints_from_metadata, oks_sigmas_from_metadata
+from .crowdpose_evaluation import CrowdPoseEvaluator
+
+__all__ = ["CrowdPoseEvaluator", "build_keypoint_evaluator"]
+
+
+def build_keypoint_evaluator(cfg, dataset_name, output_folder=None):
+    """The keypoint evaluator for `dataset_name`, chosen by its metadata's `evaluator_type`:
+    "crowdpose" -> CrowdPoseEvaluator, "coco" (default) -> COCOEvaluator on keypoints.
+
+    OKS sigmas: TEST.KEYPOINT_OKS_SIGMAS when set, else the metadata's `keypoint_oks_sigmas`,
+    else the COCO/CrowdPose defaults for K = 17/14; any other K without sigmas is an error.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    num_k = num_keypoints_from_metadata(meta, cfg.MODEL.PETR.NUM_KEYPOINTS)
+    sigmas = oks_sigmas_from_metadata(meta, num_k, override=cfg.TEST.KEYPOINT_OKS_SIGMAS)
+    evaluator_type = meta.get("evaluator_type", "coco")
+    if evaluator_type == "crowdpose":
+        return CrowdPoseEvaluator(dataset_name, output_folder, kpt_oks_sigmas=sigmas)
+    if evaluator_type == "coco":
+        # The official pycocotools COCOeval, as the official results (not Detectron2's fast one).
+        return COCOEvaluator(
+            dataset_name,
+            tasks=("keypoints",),
+            output_dir=output_folder,
+            use_fast_impl=False,
+            kpt_oks_sigmas=sigmas,
+        )
+    raise ValueError(
+        f"Dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; PETR evaluates "
+        "'coco' or 'crowdpose' keypoint datasets"
+    )

@@ -54,6 +54,7 @@ class PETR(nn.Module):
         pixel_std,
         input_format: str = "RGB",
         size_divisibility: int = 1,
+        output_pixel_offset: float = 0.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -70,6 +71,7 @@ class PETR(nn.Module):
         self.detections_per_image = detections_per_image
         self.input_format = input_format
         self.size_divisibility = size_divisibility
+        self.output_pixel_offset = output_pixel_offset
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -135,6 +137,7 @@ class PETR(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
             "size_divisibility": p.SIZE_DIVISIBILITY,
+            "output_pixel_offset": p.OUTPUT_PIXEL_OFFSET,
         }
 
     @property
@@ -228,5 +231,8 @@ class PETR(nn.Module):
         results = []
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
-            results.append({"instances": poses_to_instances(refined[b], scores[b], size, out_size)})
+            inst = poses_to_instances(
+                refined[b], scores[b], size, out_size, self.output_pixel_offset
+            )
+            results.append({"instances": inst})
         return results

@@ -1,0 +1,268 @@
+"""Convert official PETR checkpoints (hikvision-research/opera, mmdet 2.x) to this project's model.
+
+Input: a file written by mmcv `save_checkpoint` (`{"state_dict", "meta", "optimizer"}`), or
+`{"model": sd}`, or a raw state dict; a `module.` prefix (DataParallel) is stripped. The
+architecture is read off the tensors (`opera_layout.infer_layout`), every official tensor is
+renamed by the rule table of `opera_rules` (the Swin backbone by `swin_keys`), checked against the
+shape the layout implies, and every tensor of our model must be produced exactly once. BN
+`num_batches_tracked` counters are the only tensors dropped.
+
+Output: `{"model": sd, "__author__": "petr-opera-converter", "matching_heuristics": False}`, float
+tensors as float32, loadable by Detectron2's `MODEL.WEIGHTS` with no missing or unexpected keys.
+"""
+
+import os
+import pickle
+import re
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+from .opera_layout import (
+    OperaCheckpointError,
+    OperaLayout,
+    infer_layout,
+    matching_config,
+)
+from .opera_rules import DROPPED, expected_shapes, rule_table
+
+__all__ = [
+    "AUTHOR",
+    "ConversionReport",
+    "OperaCheckpointError",
+    "convert_opera_checkpoint",
+    "convert_state_dict",
+    "infer_official_layout",
+    "load_opera_state_dict",
+]
+
+AUTHOR = "petr-opera-converter"
+# Names only our converted model has; an input with any of them was converted already.
+_OUR_NAMES = re.compile(
+    r"(backbone\.(stem|res\d)\.|encoder\.layers\.|pose_decoder\.|joint_decoder\.|heatmap_head\.)"
+)
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, for printing. Counts are numbers of tensors."""
+
+    layout: OperaLayout
+    num_source: int
+    groups: Counter = field(default_factory=Counter)  # our top-level module -> converted tensors
+    dropped: List[str] = field(default_factory=list)
+    num_elements: int = 0
+
+    def summary(self) -> str:
+        config = matching_config(self.layout)
+        lines = [
+            "Inferred layout:",
+            *("  " + line for line in self.layout.describe().splitlines()),
+            f"Matching config: {config}"
+            if config
+            else "Matching config: none of the shipped configs; start from configs/Base-PETR.yaml "
+            "with the overrides below",
+            "Config overrides for this layout:",
+            *("  " + item for item in self.layout.config_overrides()),
+        ]
+        if self.groups:
+            lines.append(
+                f"Converted {sum(self.groups.values())} of {self.num_source} tensors "
+                f"({self.num_elements:,} elements):"
+            )
+            lines += [f"  {g:<14} {n}" for g, n in self.groups.items()]
+            lines.append(f"  dropped        {len(self.dropped)} (BN num_batches_tracked)")
+        return "\n".join(lines)
+
+
+class _Placeholder(dict):
+    """Stands in for an object whose class is not importable here (e.g. an mmcv ConfigDict in the
+    checkpoint's `meta`); the converter never reads it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self._state = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Placeholder,), {"__module__": module})
+
+
+# torch.load takes a pickle *module*; this one differs from `pickle` only in its Unpickler.
+_lenient_pickle = types.ModuleType("petr_lenient_pickle")
+_lenient_pickle.Unpickler = _LenientUnpickler
+_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
+
+
+def _torch_load(path: str):
+    # Official checkpoints pickle arbitrary `meta`: a full unpickler is needed, so convert only
+    # files you trust. Classes that are not installed (mmcv, mmdet) become placeholders.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError):
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle
+        )
+
+
+def load_opera_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read the official state dict from `path` (official names, `module.` prefix removed).
+
+    Raises OperaCheckpointError naming the file if it is missing, unreadable, holds no state dict,
+    or was written by this converter.
+    """
+    if not os.path.isfile(path):
+        raise OperaCheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = _torch_load(path)
+    except Exception as e:  # torch raises many types for a bad file; all mean "not readable"
+        raise OperaCheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    if isinstance(ckpt, Mapping) and ckpt.get("__author__") == AUTHOR:
+        raise OperaCheckpointError(
+            f"{path}: already converted by {AUTHOR}; give it to MODEL.WEIGHTS as it is"
+        )
+    sd = ckpt
+    if isinstance(ckpt, Mapping):
+        sd = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    if not isinstance(sd, Mapping) or not sd:
+        raise OperaCheckpointError(
+            f"{path}: holds no state dict (expected {{'state_dict': ...}}, {{'model': ...}} or a "
+            f"dict of tensors, got {type(sd).__name__})"
+        )
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise OperaCheckpointError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def _rename(key: str, rules: List[Tuple[re.Pattern, str]]) -> str | None:
+    for pattern, template in rules:
+        m = pattern.fullmatch(key)
+        if m:
+            return template.format(**m.groupdict())
+    return None
+
+
+def _names(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(f"'{k}'" for k in keys[:limit]) + more
+
+
+def _refuse_converted(sd: Mapping[str, torch.Tensor]) -> None:
+    # A clearer error for our own output than the missing official key it would otherwise hit.
+    ours = [k for k in sd if _OUR_NAMES.match(k)]
+    if ours:
+        raise OperaCheckpointError(
+            f"keys {_names(ours, 3)} are already in this project's layout: the checkpoint was "
+            "converted before; give it to MODEL.WEIGHTS as it is"
+        )
+
+
+def _convert_swin(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor] | None:
+    """Our-name Swin backbone (no prefix) of a Swin checkpoint, None for any other backbone."""
+    if "backbone.patch_embed.projection.weight" not in sd:
+        return None
+    from .swin_keys import convert_opera_swin_backbone  # imports Detectron2: only when needed
+
+    try:
+        return convert_opera_swin_backbone(
+            {k: v for k, v in sd.items() if k.startswith("backbone.")}
+        )
+    except ValueError as e:
+        raise OperaCheckpointError(f"Swin backbone: {e}") from e
+
+
+def infer_official_layout(sd: Mapping[str, torch.Tensor]) -> OperaLayout:
+    """`infer_layout` of an official state dict, refusing one this converter wrote."""
+    _refuse_converted(sd)
+    return infer_layout(sd)
+
+
+def convert_state_dict(
+    sd: Mapping[str, torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+    """Official state dict (official names) -> (our state dict, report).
+
+    Raises OperaCheckpointError naming the key for an unknown key, a key the inferred layout does
+    not have, a shape that differs from the layout's (both shapes given), or a missing tensor.
+    """
+    _refuse_converted(sd)
+    swin_backbone = _convert_swin(sd)  # swin_keys checks these names and shapes itself
+    layout = infer_layout(sd, swin_backbone)
+    report = ConversionReport(layout, num_source=len(sd))
+    rules = [(re.compile(src), dst) for src, dst in rule_table(layout)]
+    expected = expected_shapes(layout)
+    dropped = re.compile(DROPPED)
+
+    out: Dict[str, torch.Tensor] = {}
+    origin: Dict[str, str] = {}
+    unknown = []
+    for key, value in sd.items():
+        if dropped.fullmatch(key):
+            report.dropped.append(key)
+            continue
+        if swin_backbone is not None and key.startswith("backbone."):
+            continue
+        name = _rename(key, rules)
+        if name is None:
+            unknown.append(key)
+            continue
+        if name not in expected:
+            raise OperaCheckpointError(
+                f"'{key}' maps to '{name}', which a model of the inferred layout does not have "
+                f"({layout.describe().splitlines()[-1]})"
+            )
+        if name in out:
+            raise OperaCheckpointError(f"'{key}' and '{origin[name]}' both map to '{name}'")
+        if tuple(value.shape) != expected[name]:
+            raise OperaCheckpointError(
+                f"'{key}' (-> '{name}') has shape {tuple(value.shape)}, expected {expected[name]} "
+                "for the inferred layout"
+            )
+        out[name], origin[name] = value, key
+    if unknown:
+        raise OperaCheckpointError(f"unknown official key(s) {_names(unknown)}: no rule maps them")
+    missing = expected.keys() - out.keys()
+    if missing:
+        raise OperaCheckpointError(
+            f"the checkpoint lacks tensors for {_names(missing)} (official names unknown: a "
+            "layout this converter was not written for)"
+        )
+    if swin_backbone is not None:
+        out.update({f"backbone.{k}": v for k, v in swin_backbone.items()})
+
+    out = {k: v.float() if v.is_floating_point() else v for k, v in sorted(out.items())}
+    report.groups = Counter(k.split(".", 1)[0] for k in out)
+    report.num_elements = sum(v.numel() for v in out.values())
+    return out, report
+
+
+def convert_opera_checkpoint(src: str, dst: str | None) -> ConversionReport:
+    """Convert the official checkpoint `src` and save it to `dst` (only infer when dst is None)."""
+    sd = load_opera_state_dict(src)
+    if dst is None:
+        try:
+            return ConversionReport(infer_official_layout(sd), num_source=len(sd))
+        except OperaCheckpointError as e:
+            raise OperaCheckpointError(f"{src}: {e}") from e
+    try:
+        out, report = convert_state_dict(sd)
+    except OperaCheckpointError as e:
+        raise OperaCheckpointError(f"{src}: {e}") from e
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    torch.save({"model": out, "__author__": AUTHOR, "matching_heuristics": False}, dst)
+    return report

@@ -1,0 +1,287 @@
+"""PETR training losses: encoder proposals, every pose-decoder layer, every joint-decoder layer and
+the auxiliary keypoint heatmap.
+
+Follows the official implementation (hikvision-research/opera `PETRHead.loss`, `loss_single`,
+`loss_single_rpn`, `forward_refine` and `loss_heatmap`) term by term, including its normalisers:
+    focal:        sum over all queries / (max(mean_gpus(N_pos), 1) + eps)
+    L1:           sum over visible coords / (max(mean_gpus(N_visible_coords), 1) + eps)
+    OKS:          sum of -log(max(OKS, 1e-6)) / (max(mean_gpus(N_pos), 1) + eps)
+    joint L1/OKS: last pose layer's matched targets; OKS normalised by the N refined instances
+    heatmap:      CenterNet focal loss / local number of peaks
+Ground-truth people with no visible joint are never matched (see `matcher.py`).
+"""
+
+import re
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .heatmap_target import build_heatmap_targets
+from .losses import (
+    center_focal_loss,
+    masked_l1_sum,
+    normaliser,
+    oks_loss_sum,
+    sigmoid_focal_loss_sum,
+)
+from .matcher import PETRHungarianMatcher, validate_targets
+
+LOSS_WEIGHT_KEYS = ("cls", "kpt", "oks", "hm", "kpt_refine", "oks_refine", "cls_enc", "kpt_enc")
+
+
+def opera_loss_key(official_key: str) -> str:
+    """Our loss key for an official opera loss key, e.g. 'd1.loss_kpt_refine' ->
+    'loss_kpt_refine_1', 'enc_loss_cls' -> 'loss_cls_enc', 'd0.loss_cls' -> 'loss_cls_0'."""
+    if official_key in ("loss_cls", "loss_kpt", "loss_oks", "loss_hm"):
+        return official_key
+    match = re.fullmatch(r"enc_loss_(cls|kpt)", official_key)
+    if match:
+        return f"loss_{match.group(1)}_enc"
+    match = re.fullmatch(r"d(\d+)\.loss_(cls|kpt|oks|kpt_refine|oks_refine)", official_key)
+    if match:
+        return f"loss_{match.group(2)}_{match.group(1)}"
+    raise KeyError(f"not an official PETR loss key: {official_key!r}")
+
+
+# The 16 official keys of the COCO configs (3 pose-decoder, 2 joint-decoder layers) -> ours.
+OPERA_LOSS_KEYS = {
+    key: opera_loss_key(key)
+    for key in (
+        ["enc_loss_cls", "enc_loss_kpt", "loss_cls", "loss_kpt", "loss_oks", "loss_hm"]
+        + [f"d{i}.loss_{t}" for i in range(2) for t in ("cls", "kpt", "oks")]
+        + [f"d{j}.loss_{t}_refine" for j in range(2) for t in ("kpt", "oks")]
+    )
+}
+
+
+class _Matched:
+    """Matched pairs of one layer, concatenated over images (image order, ascending query).
+
+    Attributes: batch_idx, pred_idx (N,) int64; target (N, 2K) normalised interleaved; weight
+    (N, 2K) 1 on both coords of visible joints; visible (N, K) bool; areas (N,) pixels^2;
+    scale (N, 2K) the (w, h, w, h, ...) pixel factors.
+    """
+
+    def __init__(self, indices, gts: list[dict], num_kpts: int, device):
+        batch, preds, rows = [], [], {"target": [], "visible": [], "areas": [], "scale": []}
+        for b, (pred_idx, gt_idx) in enumerate(indices):
+            order = torch.argsort(pred_idx)  # the joint decoder orders instances by query
+            pred_idx, gt_idx = pred_idx[order].to(device), gt_idx[order].to(device)
+            gt = gts[b]
+            batch.append(torch.full_like(pred_idx, b))
+            preds.append(pred_idx)
+            rows["target"].append(gt["kpts_norm"][gt_idx])
+            rows["visible"].append(gt["visible"][gt_idx])
+            rows["areas"].append(gt["areas"][gt_idx])
+            rows["scale"].append(gt["scale"].expand(len(gt_idx), -1))
+        self.batch_idx, self.pred_idx = torch.cat(batch), torch.cat(preds)
+        self.target = torch.cat(rows["target"]).reshape(-1, 2 * num_kpts)
+        self.visible = torch.cat(rows["visible"])
+        self.weight = self.visible.float().repeat_interleave(2, dim=1)
+        self.areas = torch.cat(rows["areas"])
+        self.scale = torch.cat(rows["scale"])
+
+    def __len__(self):
+        return self.pred_idx.numel()
+
+
+class PETRCriterion(nn.Module):
+    """Computes PETR's weighted loss dict from the model outputs (see `forward`)."""
+
+    def __init__(
+        self,
+        *,
+        matcher: PETRHungarianMatcher,
+        num_keypoints: int,
+        oks_sigmas: Sequence[float],
+        weights: dict[str, float],
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        super().__init__()
+        if len(oks_sigmas) != num_keypoints:
+            raise ValueError(f"{len(oks_sigmas)} OKS sigmas for {num_keypoints} keypoints")
+        if matcher.num_keypoints != num_keypoints:
+            raise ValueError(f"matcher has {matcher.num_keypoints} sigmas, not {num_keypoints}")
+        unknown = set(weights) - set(LOSS_WEIGHT_KEYS)
+        if unknown:
+            raise KeyError(f"unknown loss weights {sorted(unknown)}; known: {LOSS_WEIGHT_KEYS}")
+        self.matcher = matcher
+        self.num_keypoints = num_keypoints
+        self.weights = dict(weights)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        sigmas = torch.tensor(list(oks_sigmas), dtype=torch.float32)
+        self.register_buffer("oks_sigmas", sigmas, persistent=False)
+
+    def _weight(self, name: str) -> float:
+        if name not in self.weights:
+            raise KeyError(f"PETRCriterion produces a {name!r} loss but weights has no {name!r}")
+        return self.weights[name]
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """Weighted losses.
+
+        Args:
+            outputs: "pose_logits" (Ld, B, Q, 1); "pose_kpts" (Ld, B, Q, 2K) normalised
+                interleaved; "last_indices" the matcher's result for the last pose layer;
+                optional "enc_logits" (B, S, 1) and "enc_kpts" (B, S, 2K) normalised;
+                optional "joint_kpts" (Lj, N, K, 2) normalised (x, y) for the N matched
+                instances of "last_indices" (image order, ascending query), with
+                "joint_dummy" True when N = 0 and one dummy instance ran; optional "hm_logits"
+                (B, K, H0, W0) stride-8 logits with "hm_padding_mask" (B, H0, W0) True = pad.
+            targets: per image "keypoints" (G, K, 3) pixels, "areas" (G,) pixels^2, "boxes"
+                (G, 4) xyxy pixels (heatmap only), "image_size" (h, w) unpadded.
+
+        Returns:
+            {loss name: weighted scalar}: loss_{cls,kpt}_enc; loss_{cls,kpt,oks}_{i} for pose
+            layers i < Ld-1 and unsuffixed for the last; loss_{kpt,oks}_refine_{j}; loss_hm.
+        """
+        for key in ("pose_logits", "pose_kpts", "last_indices"):
+            if key not in outputs:
+                raise KeyError(f"PETRCriterion: outputs has no {key!r}")
+        pose_logits, pose_kpts = outputs["pose_logits"].float(), outputs["pose_kpts"].float()
+        num_layers, num_images, num_queries = pose_logits.shape[:3]
+        expected = (num_layers, num_images, num_queries, 2 * self.num_keypoints)
+        if pose_logits.shape[-1] != 1 or pose_kpts.shape != expected:
+            raise ValueError(
+                f"outputs['pose_logits'] {tuple(pose_logits.shape)} / ['pose_kpts'] "
+                f"{tuple(pose_kpts.shape)}: expected (Ld, B, Q, 1) / {expected}"
+            )
+        validate_targets(targets, num_images, self.num_keypoints)
+        gts = self._prepare_targets(targets, pose_kpts.device)
+        last_indices = outputs["last_indices"]
+        if len(last_indices) != num_images:
+            raise ValueError(
+                f"outputs['last_indices'] has {len(last_indices)} images, not {num_images}"
+            )
+
+        losses = {}
+        if "enc_logits" in outputs:
+            enc_logits, enc_kpts = outputs["enc_logits"].float(), outputs["enc_kpts"].float()
+            indices = self.matcher(enc_logits, enc_kpts, targets)
+            matched = _Matched(indices, gts, self.num_keypoints, enc_kpts.device)
+            losses["loss_cls_enc"] = self._weight("cls_enc") * self._focal(enc_logits, matched)
+            losses["loss_kpt_enc"] = self._weight("kpt_enc") * self._l1(enc_kpts, matched)
+
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            if last:
+                indices = last_indices
+            else:
+                indices = self.matcher(pose_logits[i], pose_kpts[i], targets)
+            matched = _Matched(indices, gts, self.num_keypoints, pose_kpts.device)
+            suffix = "" if last else f"_{i}"
+            losses[f"loss_cls{suffix}"] = self._weight("cls") * self._focal(pose_logits[i], matched)
+            losses[f"loss_kpt{suffix}"] = self._weight("kpt") * self._l1(pose_kpts[i], matched)
+            losses[f"loss_oks{suffix}"] = self._weight("oks") * self._oks(pose_kpts[i], matched)
+
+        if "joint_kpts" in outputs:
+            losses.update(self._joint_losses(outputs, matched))  # `matched`: last pose layer
+        if "hm_logits" in outputs:
+            losses["loss_hm"] = self._weight("hm") * self._heatmap(outputs, targets)
+        return losses
+
+    def _prepare_targets(self, targets: list[dict], device) -> list[dict]:
+        """Per image: normalised (G, K, 2) keypoints, (G, K) visibility, areas, (1, 2K) scale."""
+        gts = []
+        for t in targets:
+            kpts = t["keypoints"].to(device=device, dtype=torch.float32)
+            height, width = (float(s) for s in t["image_size"])
+            visible = kpts[..., 2] > 0
+            scale = kpts.new_tensor([width, height])
+            # Invisible joints may hold anything: zero them, they carry weight 0 everywhere.
+            kpts_norm = torch.where(visible[..., None], kpts[..., :2] / scale, 0.0)
+            gts.append(
+                {
+                    "kpts_norm": kpts_norm,
+                    "visible": visible,
+                    "areas": t["areas"].to(device=device, dtype=torch.float32),
+                    "scale": scale.repeat(self.num_keypoints)[None],
+                }
+            )
+        return gts
+
+    def _focal(self, logits: Tensor, matched: _Matched) -> Tensor:
+        """Sigmoid focal loss over every query of every image; logits (B, Q, 1)."""
+        labels = torch.zeros_like(logits[..., 0])
+        labels[matched.batch_idx, matched.pred_idx] = 1.0
+        loss = sigmoid_focal_loss_sum(logits[..., 0], labels, self.focal_alpha, self.focal_gamma)
+        return loss / normaliser(len(matched), logits.device)
+
+    def _l1(self, kpts: Tensor, matched: _Matched) -> Tensor:
+        """L1 on visible normalised coords of matched queries; kpts (B, Q, 2K)."""
+        pred = kpts[matched.batch_idx, matched.pred_idx]
+        loss = masked_l1_sum(pred, matched.target, matched.weight)
+        return loss / normaliser(matched.weight.sum(), kpts.device)
+
+    def _oks(self, kpts: Tensor, matched: _Matched) -> Tensor:
+        """-log OKS in pixels over matched queries; kpts (B, Q, 2K)."""
+        if len(matched) == 0:
+            return kpts.sum() * 0
+        pred = kpts[matched.batch_idx, matched.pred_idx]
+        loss = self._oks_sum(pred, matched)
+        return loss / normaliser(len(matched), kpts.device)
+
+    def _oks_sum(self, pred: Tensor, matched: _Matched) -> Tensor:
+        shape = (len(matched), self.num_keypoints, 2)
+        # The official code rescales the normalised target, not the raw pixels.
+        pred_px = (pred * matched.scale).reshape(shape)
+        gt_px = (matched.target * matched.scale).reshape(shape)
+        sigmas = self.oks_sigmas.to(pred.device)
+        return oks_loss_sum(pred_px, gt_px, matched.visible, matched.areas, sigmas)
+
+    def _joint_losses(self, outputs: dict, matched: _Matched) -> dict[str, Tensor]:
+        """Joint-decoder L1 and OKS per layer against the last pose layer's matched targets."""
+        joint_kpts = outputs["joint_kpts"].float()
+        num_layers = joint_kpts.shape[0]
+        dummy = bool(outputs.get("joint_dummy", False))
+        num_inst = 1 if dummy else len(matched)
+        expected = (num_layers, num_inst, self.num_keypoints, 2)
+        if joint_kpts.shape != expected:
+            raise ValueError(
+                f"outputs['joint_kpts'] is {tuple(joint_kpts.shape)}, expected {expected} "
+                f"({len(matched)} matched instances in outputs['last_indices'], dummy={dummy})"
+            )
+        if dummy and len(matched) > 0:
+            raise ValueError(f"outputs['joint_dummy'] is set but {len(matched)} instances matched")
+        weight_kpt, weight_oks = self._weight("kpt_refine"), self._weight("oks_refine")
+        l1_norm = normaliser(matched.weight.sum(), joint_kpts.device)
+        oks_norm = normaliser(len(matched), joint_kpts.device)
+        losses = {}
+        for j in range(num_layers):
+            if dummy or len(matched) == 0:
+                # Official: the output times 0, so every joint-decoder parameter gets a gradient.
+                zero = joint_kpts[j].sum() * 0
+                losses[f"loss_kpt_refine_{j}"] = zero
+                losses[f"loss_oks_refine_{j}"] = zero.clone()
+                continue
+            pred = joint_kpts[j].reshape(len(matched), -1)  # (N, K, 2) -> (N, 2K) interleaved
+            l1 = masked_l1_sum(pred, matched.target, matched.weight) / l1_norm
+            losses[f"loss_kpt_refine_{j}"] = weight_kpt * l1
+            losses[f"loss_oks_refine_{j}"] = weight_oks * self._oks_sum(pred, matched) / oks_norm
+        return losses
+
+    def _heatmap(self, outputs: dict, targets: list[dict]) -> Tensor:
+        if "hm_padding_mask" not in outputs:
+            raise KeyError("PETRCriterion: outputs has 'hm_logits' but no 'hm_padding_mask'")
+        logits, mask = outputs["hm_logits"].float(), outputs["hm_padding_mask"]
+        num_images = len(targets)
+        if logits.dim() != 4 or logits.shape[:2] != (num_images, self.num_keypoints):
+            raise ValueError(
+                f"outputs['hm_logits'] must be ({num_images}, {self.num_keypoints}, H0, W0), "
+                f"got {tuple(logits.shape)}"
+            )
+        if mask.shape != (num_images, *logits.shape[2:]):
+            raise ValueError(
+                f"outputs['hm_padding_mask'] is {tuple(mask.shape)}, expected "
+                f"{(num_images, *logits.shape[2:])}"
+            )
+        for b, t in enumerate(targets):
+            if "boxes" not in t:
+                raise KeyError(f"targets[{b}] has no 'boxes' (needed for the heatmap radius)")
+        target = build_heatmap_targets(
+            [t["keypoints"] for t in targets], [t["boxes"] for t in targets], logits.shape[2:]
+        ).to(logits.device)
+        return center_focal_loss(logits, target, mask.to(device=logits.device, dtype=torch.bool))
