@@ -11,6 +11,8 @@ from petr import add_petr_config
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "configs")
 OPERA_TINY = os.path.join(REPO_ROOT, "tests", "data", "opera_tiny")
+# Name/shape/dtype listings of the four official checkpoints (copies of shared/reference).
+OPERA_STATE_DICTS = os.path.join(REPO_ROOT, "tests", "data", "opera_state_dicts")
 
 
 def load_cfg(name: str):

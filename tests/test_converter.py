@@ -1,7 +1,7 @@
 """The official-checkpoint converter (petr.checkpoint.opera_converter and its tool).
 
 Synthetic checkpoints carry the exact names, shapes and dtypes of the four official releases
-(/work/shared/reference/opera-state-dict-*.tsv); each source tensor is filled with its own constant
+(tests/data/opera_state_dicts/, copies of shared/reference); each source tensor is filled with its own constant
 so that the provenance of every converted tensor can be read back. Converted dicts are compared
 with the state dict of the model each shipped config builds (on the meta device: full size without
 allocating 200M parameters), and the real small official checkpoint (opera_tiny) is converted and
@@ -17,7 +17,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from petr_testing import OPERA_TINY, REPO_ROOT, load_cfg
+from petr_testing import OPERA_STATE_DICTS, OPERA_TINY, REPO_ROOT, load_cfg
 
 from petr.checkpoint.opera_converter import (
     AUTHOR,
@@ -29,7 +29,6 @@ from petr.checkpoint.opera_converter import (
 from petr.checkpoint.opera_layout import ResNetLayout, SwinLayout, infer_layout, matching_config
 from petr.modeling.backbone.swin import relative_position_index
 
-REFERENCE = "/work/shared/reference"
 TSV = {
     "r50-coco": "petr_R50.yaml",
     "r101-coco": "petr_R101.yaml",
@@ -40,10 +39,7 @@ T = "bbox_head.transformer."
 
 
 def _tsv_path(name):
-    path = os.path.join(REFERENCE, f"opera-state-dict-{name}.tsv")
-    if not os.path.isfile(path):
-        pytest.skip(f"official state-dict listing {path} not available")
-    return path
+    return os.path.join(OPERA_STATE_DICTS, f"opera-state-dict-{name}.tsv")
 
 
 def _synthetic(name):
@@ -70,11 +66,7 @@ def _const(t):
 
 
 def _tiny_path():
-    for root in (OPERA_TINY, os.path.join(REFERENCE, "opera_tiny")):
-        path = os.path.join(root, "opera_tiny_petr.pth")
-        if os.path.isfile(path):
-            return path
-    pytest.skip(f"opera_tiny_petr.pth found neither in {OPERA_TINY} nor {REFERENCE}/opera_tiny")
+    return os.path.join(OPERA_TINY, "opera_tiny_petr.pth")
 
 
 def _meta_model(config):

@@ -60,7 +60,6 @@ def _add_model_config(cfg):
 def _add_swin_config(cfg):
     cfg.MODEL.SWIN = CN()
     s = cfg.MODEL.SWIN
-    s.PRETRAIN_IMG_SIZE = 224
     s.PATCH_SIZE = 4
     s.EMBED_DIM = 192
     s.DEPTHS = [2, 2, 18, 2]
