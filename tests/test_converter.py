@@ -1,11 +1,11 @@
 """The official-checkpoint converter (petr.checkpoint.opera_converter and its tool).
 
 Synthetic checkpoints carry the exact names, shapes and dtypes of the four official releases
-(tests/data/opera_state_dicts/, copies of shared/reference); each source tensor is filled with its own constant
-so that the provenance of every converted tensor can be read back. Converted dicts are compared
-with the state dict of the model each shipped config builds (on the meta device: full size without
-allocating 200M parameters), and the real small official checkpoint (opera_tiny) is converted and
-loaded into a CPU model through Detectron2's checkpointer.
+(tests/data/opera_state_dicts/, copies of shared/reference); each source tensor is filled with
+its own constant so that the provenance of every converted tensor can be read back. Converted
+dicts are compared with the state dict of the model each shipped config builds (on the meta
+device: full size without allocating 200M parameters), and the real small official checkpoint
+(opera_tiny) is converted and loaded into a CPU model through Detectron2's checkpointer.
 """
 
 import importlib.util
