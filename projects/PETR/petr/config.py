@@ -111,14 +111,16 @@ def _add_solver_config(cfg):
 
 def _add_test_config(cfg):
     # Test-time augmentation (PETRWithTTA) reuses Detectron2's TEST.AUG keys. Defaults: the
-    # paper's multi-scale test (short sides 800 / 1000 / 1200, long side <= 1333 / 800 * 1200)
-    # with flip. The official CrowdPose flip test is MIN_SIZES (800,), MAX_SIZE 1333, FLIP True.
+    # paper's multi-scale test (short sides 800 / 1000 / 1200; the paper gives no long-side cap,
+    # 2000 keeps the 1333 / 800 ratio at 1200) with flip. The official CrowdPose flip test is
+    # MIN_SIZES (800,), MAX_SIZE 1333, FLIP True.
     a = cfg.TEST.AUG
     a.MIN_SIZES = (800, 1000, 1200)
     a.MAX_SIZE = 2000
     a.FLIP = True
     # "soft_nms": the official merge (concatenate all views, linear soft-NMS on keypoint boxes);
-    # "oks_average": match views to the reference view by OKS, average matched poses.
+    # "oks_average": match views by OKS to the reference view (unflipped, MIN_SIZES[0]) and
+    # average matched poses.
     a.MERGE = "soft_nms"
     a.SOFT_NMS_IOU_THRESH = 0.5
     a.SOFT_NMS_MIN_SCORE = 1e-3

@@ -1,0 +1,324 @@
+"""Test-time augmentation for PETR: flip and multi-scale views, merged in one of two ways.
+
+"soft_nms" follows the official flip test (hikvision-research/opera, `PETR.aug_test` and mmdet
+`merge_aug_results` + `multiclass_nms` with mmcv linear `soft_nms`): every view's poses are mapped
+back to the original image, concatenated, and linear soft-NMS on the keypoint-tight boxes keeps
+the top ones. "oks_average" is NMS-free: each view's poses are matched by OKS (Hungarian) to the
+poses of the reference view and matched poses are averaged.
+All coordinates here are pixels (x, y) of the original image unless a docstring says otherwise.
+"""
+
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import Boxes, Instances
+from scipy.optimize import linear_sum_assignment
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.metadata import oks_sigmas_from_metadata
+from ..data.transforms import CV2ResizeTransform, rescale_size
+
+__all__ = [
+    "PETRWithTTA",
+    "flip_indices_from_metadata",
+    "hflip_poses",
+    "keypoint_boxes",
+    "merge_by_oks",
+    "pose_oks",
+    "soft_nms_linear",
+]
+
+MERGES = ("soft_nms", "oks_average")
+
+
+def flip_indices_from_metadata(metadata, num_keypoints: int) -> List[int]:
+    """flip_indices[k] = the joint that k becomes under a horizontal flip, from the metadata's
+    `keypoint_names` and `keypoint_flip_map` (name pairs)."""
+    name = getattr(metadata, "name", "<no dataset>")
+    names = list(getattr(metadata, "keypoint_names", None) or []) if metadata is not None else []
+    pairs = getattr(metadata, "keypoint_flip_map", None) if metadata is not None else None
+    if not names or pairs is None:
+        raise ValueError(
+            f"Flip test needs keypoint_names and keypoint_flip_map in the metadata of {name!r} "
+            "(cfg.DATASETS.TEST[0]); set TEST.AUG.FLIP False otherwise"
+        )
+    if len(names) != num_keypoints:
+        raise ValueError(
+            f"Metadata {name!r} has {len(names)} keypoint_names, the model has {num_keypoints}"
+        )
+    swap = {}
+    for a, b in pairs:
+        if a not in names or b not in names:
+            raise ValueError(f"keypoint_flip_map of {name!r}: ({a!r}, {b!r}) not in keypoint_names")
+        swap[a], swap[b] = b, a
+    return [names.index(swap.get(n, n)) for n in names]
+
+
+def hflip_poses(keypoints: torch.Tensor, width: float, flip_indices: Sequence[int]):
+    """Horizontal flip of poses in an image `width` pixels wide: x' = width - x (continuous
+    pixels, as the official `kpt_mapping_back`), then left/right joints swap ids.
+    keypoints (N, K, C>=2) pixels; returns (N, K, C). Its own inverse."""
+    if keypoints.shape[1] != len(flip_indices):
+        raise ValueError(
+            f"hflip_poses: keypoints {tuple(keypoints.shape)} vs {len(flip_indices)} flip indices"
+        )
+    out = keypoints[:, list(flip_indices)].clone()
+    out[..., 0] = width - out[..., 0]
+    return out
+
+
+def keypoint_boxes(keypoints: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (N, 4) of poses (N, K, >=2) pixels, over all joints."""
+    if keypoints.shape[0] == 0:
+        return keypoints.new_zeros(0, 4)
+    xy = keypoints[..., :2]
+    return torch.cat([xy.amin(1), xy.amax(1)], -1)
+
+
+def _pairwise_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """IoU of one xyxy box (4,) with boxes (M, 4), as mmcv (offset 0); 0 for a zero union."""
+    wh = (torch.minimum(box[2:], boxes[:, 2:]) - torch.maximum(box[:2], boxes[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+def soft_nms_linear(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float = 0.5,
+    min_score: float = 1e-3,
+    max_keep: int | None = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Linear soft-NMS (Bodla et al. 2017) with mmcv `soft_nms(method='linear')` semantics.
+
+    Repeatedly keep the highest-scoring remaining box; every other remaining box whose IoU with
+    it exceeds `iou_threshold` has its score multiplied by (1 - IoU); boxes whose score falls
+    below `min_score` are dropped. boxes (N, 4) xyxy pixels, scores (N,).
+    Returns (keep (M,) indices into the input, in selection order; their decayed scores (M,)),
+    scores non-increasing. `max_keep` stops after that many: later steps never change earlier
+    ones, so this equals truncating the full result.
+    """
+    scores = scores.detach().clone().float()
+    alive = torch.arange(len(scores), device=scores.device)
+    keep, kept_scores = [], []
+    while alive.numel() and (max_keep is None or len(keep) < max_keep):
+        i = int(scores[alive].argmax())
+        best = alive[i]
+        keep.append(best)
+        kept_scores.append(scores[best])
+        alive = torch.cat([alive[:i], alive[i + 1 :]])
+        if not alive.numel():
+            break
+        iou = _pairwise_iou(boxes[best].float(), boxes[alive].float())
+        scores[alive] *= torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+        alive = alive[scores[alive] >= min_score]
+    if not keep:
+        return alive.new_zeros(0), scores.new_zeros(0)
+    return torch.stack(keep), torch.stack(kept_scores)
+
+
+def pose_oks(
+    anchors: torch.Tensor, poses: torch.Tensor, sigmas: torch.Tensor, areas: torch.Tensor
+) -> torch.Tensor:
+    """COCO OKS between anchors (A, K, >=2) and poses (P, K, >=2), pixels, every joint counted.
+    sigmas (K,); areas (A,) the scale s^2 of each anchor. Returns (A, P) in [0, 1]."""
+    d2 = ((anchors[:, None, :, :2] - poses[None, :, :, :2]) ** 2).sum(-1)  # (A, P, K)
+    kappa2 = (2 * sigmas) ** 2
+    eps = torch.finfo(d2.dtype).eps  # pycocotools' np.spacing(1): a zero area gives OKS 0 or 1
+    e = d2 / kappa2 / (areas[:, None, None] + eps) / 2
+    return torch.exp(-e).mean(-1)
+
+
+def merge_by_oks(
+    views: List[Tuple[torch.Tensor, torch.Tensor]], sigmas: torch.Tensor, oks_threshold: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NMS-free merge. views: [(keypoints (N_v, K, 2) pixels, scores (N_v,))], views[0] the
+    reference. Each later view is matched one-to-one (Hungarian, maximum OKS with the anchor's
+    tight-box area as scale) to the current groups, which start as the reference poses; a pose
+    matched with OKS >= oks_threshold joins that group, any other pose starts a new group with
+    itself as anchor. Each group becomes one pose: the score-weighted mean of its keypoints and
+    the mean of its scores. Returns (keypoints (G, K, 2), scores (G,)), sorted by score."""
+    anchors, groups = views[0][0][..., :2], list(range(len(views[0][0])))
+    for kpts, _ in views[1:]:
+        ids = torch.arange(len(anchors), len(anchors) + len(kpts)).tolist()
+        if len(anchors) and len(kpts):
+            b = keypoint_boxes(anchors)
+            areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            oks = pose_oks(anchors, kpts, sigmas, areas).cpu().numpy()
+            for r, c in zip(*linear_sum_assignment(oks, maximize=True)):
+                if oks[r, c] >= oks_threshold:
+                    ids[c] = int(r)
+        new = [c for c, g in enumerate(ids) if g >= len(anchors)]
+        # renumber the new groups after the existing anchors, in the order of the view
+        for n, c in enumerate(new):
+            ids[c] = len(anchors) + n
+        anchors = torch.cat([anchors, kpts[new, :, :2]])
+        groups += ids
+    all_kpts = torch.cat([k[..., :2] for k, _ in views])
+    all_scores = torch.cat([s for _, s in views]).float()
+    group = torch.tensor(groups, dtype=torch.long, device=all_kpts.device)
+    G = len(anchors)
+    w = all_scores[:, None, None]
+    kpt_sum = all_kpts.new_zeros(G, *all_kpts.shape[1:]).index_add_(0, group, all_kpts * w)
+    w_sum = all_scores.new_zeros(G).index_add_(0, group, all_scores)
+    count = all_scores.new_zeros(G).index_add_(0, group, torch.ones_like(all_scores))
+    kpts = kpt_sum / w_sum.clamp(min=1e-12)[:, None, None]
+    scores = w_sum / count.clamp(min=1)
+    order = scores.argsort(descending=True)
+    return kpts[order], scores[order]
+
+
+class PETRWithTTA(nn.Module):
+    """A PETR model with test-time augmentation; call it like `PETR.forward` in eval mode.
+
+    Views: for each short side in `min_sizes` (long side <= max_size, mmcv rounding, cv2
+    bilinear) the resized image and, with `flip`, its mirror. Each view is one normal PETR
+    inference (batch 1); the resize is shared by a scale's two views. Poses come back in
+    original-image pixels, flipped ones are un-flipped (x' = W - x, joint ids swapped), then the
+    views are merged ("soft_nms" or "oks_average", see the module docstring). The reference view
+    of "oks_average" is the unflipped view at min_sizes[0].
+
+    Inputs: Detectron2 dicts with "image" (C, H, W) in the model's input format, or only
+    "file_name", plus optional "height"/"width" (the original size). Views are resized from the
+    original pixels: when "image" differs in size from (height, width) and "file_name"
+    exists, the original file is read again (the official test resizes the original once).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        min_sizes: Sequence[int],
+        max_size: int,
+        flip: bool,
+        merge: str = "soft_nms",
+        flip_indices: Sequence[int] | None = None,
+        oks_sigmas: Sequence[float] | None = None,
+        detections_per_image: int = 100,
+        soft_nms_iou_threshold: float = 0.5,
+        soft_nms_min_score: float = 1e-3,
+        match_oks_threshold: float = 0.5,
+    ):
+        super().__init__()
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        if merge not in MERGES:
+            raise ValueError(f"TEST.AUG.MERGE must be one of {MERGES}, got {merge!r}")
+        if not min_sizes:
+            raise ValueError("TEST.AUG.MIN_SIZES is empty")
+        if flip and flip_indices is None:
+            raise ValueError("flip test needs flip_indices (keypoint_flip_map in the metadata)")
+        if merge == "oks_average" and oks_sigmas is None:
+            raise ValueError("TEST.AUG.MERGE 'oks_average' needs OKS sigmas")
+        self.model = model
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+        self.flip = bool(flip)
+        self.merge = merge
+        self.flip_indices = list(flip_indices) if flip_indices is not None else None
+        # a plain CPU tensor, not a buffer: the merges run on the CPU wherever the model is
+        sigmas = oks_sigmas if oks_sigmas is not None else []
+        self.oks_sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+        self.detections_per_image = detections_per_image
+        self.soft_nms_iou_threshold = soft_nms_iou_threshold
+        self.soft_nms_min_score = soft_nms_min_score
+        self.match_oks_threshold = match_oks_threshold
+
+    @classmethod
+    def from_config(cls, cfg, model):
+        a = cfg.TEST.AUG
+        names = list(cfg.DATASETS.TEST)
+        meta = MetadataCatalog.get(names[0]) if names else None
+        K = (model.module if isinstance(model, DistributedDataParallel) else model).num_keypoints
+        return {
+            "model": model,
+            "min_sizes": list(a.MIN_SIZES),
+            "max_size": a.MAX_SIZE,
+            "flip": a.FLIP,
+            "merge": a.MERGE,
+            "flip_indices": flip_indices_from_metadata(meta, K) if a.FLIP else None,
+            "oks_sigmas": (
+                oks_sigmas_from_metadata(meta, K, cfg.MODEL.PETR.OKS_SIGMAS)
+                if a.MERGE == "oks_average"
+                else None
+            ),
+            "detections_per_image": cfg.MODEL.PETR.DETECTIONS_PER_IMAGE,
+            "soft_nms_iou_threshold": a.SOFT_NMS_IOU_THRESH,
+            "soft_nms_min_score": a.SOFT_NMS_MIN_SCORE,
+            "match_oks_threshold": a.MATCH_OKS_THRESH,
+        }
+
+    def forward(self, batched_inputs: List[Dict]):
+        if self.training:
+            raise RuntimeError("PETRWithTTA is for inference only: call .eval() first")
+        with torch.no_grad():
+            return [{"instances": self._inference_one(x)} for x in batched_inputs]
+
+    def _original_image(self, x: Dict) -> Tuple[np.ndarray, int, int]:
+        """The (h, w, C) image views are resized from and the output size (H, W)."""
+        file_name = x.get("file_name")
+        image = x.get("image")
+        if image is None:
+            if file_name is None:
+                raise KeyError("PETRWithTTA needs 'image' or 'file_name' in every input dict")
+            image = read_image(file_name, format=self.model.input_format)
+        else:
+            image = image.permute(1, 2, 0).cpu().numpy()
+        H, W = int(x.get("height", image.shape[0])), int(x.get("width", image.shape[1]))
+        if image.shape[:2] != (H, W) and file_name and os.path.isfile(file_name):
+            image = read_image(file_name, format=self.model.input_format)
+            if image.shape[:2] != (H, W):
+                raise ValueError(f"{file_name}: image is {image.shape[:2]}, dict says {(H, W)}")
+        return image, H, W
+
+    def _views(self, image: np.ndarray, H: int, W: int):
+        """Yields (model inputs, flipped) for every view, the reference first. image (h, w, C)."""
+        h, w = image.shape[:2]
+        for size in self.min_sizes:
+            new_h, new_w = rescale_size(h, w, size, self.max_size)
+            resized = CV2ResizeTransform(h, w, new_h, new_w).apply_image(image)
+            for flipped in (False, True) if self.flip else (False,):
+                view = resized[:, ::-1] if flipped else resized
+                tensor = torch.as_tensor(np.ascontiguousarray(view.transpose(2, 0, 1)))
+                yield {"image": tensor, "height": H, "width": W}, flipped
+
+    def _inference_one(self, x: Dict) -> Instances:
+        image, H, W = self._original_image(x)
+        poses = []  # per view: (keypoints (N, K, 2) original pixels, scores (N,))
+        for inputs, flipped in self._views(image, H, W):
+            inst = self.model([inputs])[0]["instances"]
+            kpts = inst.pred_keypoints[..., :2]
+            if flipped:
+                kpts = hflip_poses(kpts, W, self.flip_indices)
+            poses.append((kpts, inst.scores))
+        device = poses[0][0].device  # the result goes back where the model put its outputs
+        poses = [(k.cpu(), s.cpu()) for k, s in poses]  # sequential merges: the CPU is faster
+        if self.merge == "soft_nms":
+            kpts, scores = torch.cat([p[0] for p in poses]), torch.cat([p[1] for p in poses])
+            valid = scores > 0  # mmdet multiclass_nms(score_thr=0.0)
+            kpts, scores = kpts[valid], scores[valid]
+            keep, scores = soft_nms_linear(
+                keypoint_boxes(kpts), scores, self.soft_nms_iou_threshold,
+                self.soft_nms_min_score, self.detections_per_image,
+            )  # fmt: skip
+            kpts = kpts[keep]
+        else:
+            kpts, scores = merge_by_oks(poses, self.oks_sigmas, self.match_oks_threshold)
+        kpts, scores = kpts[: self.detections_per_image], scores[: self.detections_per_image]
+        result = Instances((H, W))
+        # The model has no per-joint confidence; the official flip test also sets visibility 1.
+        result.pred_keypoints = torch.cat([kpts, torch.ones_like(kpts[..., :1])], -1)
+        result.pred_boxes = Boxes(keypoint_boxes(kpts))
+        result.scores = scores
+        result.pred_classes = torch.zeros_like(scores, dtype=torch.int64)
+        return result.to(device)
