@@ -40,13 +40,14 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = PETRTrainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(PETRTrainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
     trainer = PETRTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
-
 
 
 if __name__ == "__main__":

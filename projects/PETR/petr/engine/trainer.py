@@ -10,7 +10,9 @@ Differences from DefaultTrainer:
 """
 
 import logging
+import os
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -22,6 +24,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.dataset_mapper import PETRDatasetMapper
 from ..evaluation import build_keypoint_evaluator
+from ..modeling.test_time_augmentation import PETRWithTTA
 from .solver import build_petr_optimizer
 
 
@@ -45,7 +48,9 @@ class PETRTrainer(DefaultTrainer):
         model = create_ddp_model(model, **ddp_kwargs(model))
         self._trainer = self.build_step_runner(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -81,3 +86,17 @@ class PETRTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_keypoint_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate with flip / multi-scale test-time augmentation (TEST.AUG.*)."""
+        logging.getLogger("detectron2.trainer").info(
+            "Running inference with test-time augmentation"
+        )
+        model = PETRWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())

@@ -112,24 +112,37 @@ class PETR(nn.Module):
                 **common, num_layers=p.ENC_LAYERS, num_levels=L, num_points=p.ENC_N_POINTS
             ),
             "proposals": PETRPointProposals(
-                dim=C, num_keypoints=K, num_proposals=p.NUM_PROPOSALS,
+                dim=C,
+                num_keypoints=K,
+                num_proposals=p.NUM_PROPOSALS,
                 kpt_hidden_dim=p.KPT_HEAD_HIDDEN_DIM,
             ),  # fmt: skip
             "pose_decoder": PETRPoseDecoder(
-                **common, num_layers=p.POSE_DEC_LAYERS, num_levels=L, num_keypoints=K,
-                num_queries=p.NUM_QUERIES, kpt_hidden_dim=p.KPT_HEAD_HIDDEN_DIM,
+                **common,
+                num_layers=p.POSE_DEC_LAYERS,
+                num_levels=L,
+                num_keypoints=K,
+                num_queries=p.NUM_QUERIES,
+                kpt_hidden_dim=p.KPT_HEAD_HIDDEN_DIM,
             ),  # fmt: skip
             "joint_decoder": PETRJointDecoder(
-                **common, num_layers=p.JOINT_DEC_LAYERS, num_levels=L,
-                num_points=p.JOINT_DEC_N_POINTS, num_keypoints=K,
+                **common,
+                num_layers=p.JOINT_DEC_LAYERS,
+                num_levels=L,
+                num_points=p.JOINT_DEC_N_POINTS,
+                num_keypoints=K,
             ),  # fmt: skip
             "heatmap_head": PETRHeatmapHead(
                 **common, num_layers=p.HM_ENC_LAYERS, num_points=p.ENC_N_POINTS, num_keypoints=K
             ),
             "matcher": matcher,
             "criterion": PETRCriterion(
-                matcher=matcher, num_keypoints=K, oks_sigmas=sigmas, weights=weights,
-                focal_alpha=p.FOCAL_ALPHA, focal_gamma=p.FOCAL_GAMMA,
+                matcher=matcher,
+                num_keypoints=K,
+                oks_sigmas=sigmas,
+                weights=weights,
+                focal_alpha=p.FOCAL_ALPHA,
+                focal_gamma=p.FOCAL_GAMMA,
             ),  # fmt: skip
             "num_keypoints": K,
             "detections_per_image": p.DETECTIONS_PER_IMAGE,

@@ -7,7 +7,6 @@ keypoint, offsets scaled by the extent of the pose. Both follow hikvision-resear
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -42,7 +41,7 @@ class _DeformAttnBase(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.constant_(proj.bias, 0.0)
 
-    def project_value(self, value: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+    def project_value(self, value: torch.Tensor, padding_mask: torch.Tensor | None):
         """value (B, S, C) -> (B, S, M, C / M), padded tokens zeroed."""
         v = self.value_proj(value)
         if padding_mask is not None:
@@ -63,7 +62,6 @@ class _DeformAttnBase(nn.Module):
         )
         return self.dropout(self.output_proj(out))
 
-
     def forward(
         self,
         query,
@@ -83,7 +81,6 @@ class _DeformAttnBase(nn.Module):
         locations = self.sampling_locations(offsets, reference_points, spatial_shapes)
         v = self.project_value(value, padding_mask)
         return query + self.attend(v, spatial_shapes, level_start_index, locations, weights)
-
 
     def forward_grouped(
         self,
@@ -149,7 +146,11 @@ class PETRMSDeformAttn(_DeformAttnBase):
         """reference_points (B, Q, L, 2) normalised (x, y) -> locations (B, Q, M, L, P, 2)."""
         # offsets are in pixels of each level: divide by (W_l, H_l)
         normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        return (
+            reference_points[:, :, None, :, None, :]
+            + offsets / normalizer[None, None, None, :, None, :]
+        )
+
 
 class PETRPoseDeformAttn(_DeformAttnBase):
     """Pose deformable attention: point k of every head and level is anchored at keypoint k.

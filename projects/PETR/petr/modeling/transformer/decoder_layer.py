@@ -27,7 +27,9 @@ class PETRDecoderLayer(PostNormLayer):
 
     def forward(self, x, pos, reference_points, value, spatial_shapes, level_start_index, mask):
         x = self.self_attention(x, pos)
-        x = self.cross_attn(x, pos, reference_points, value, spatial_shapes, level_start_index, mask)
+        x = self.cross_attn(
+            x, pos, reference_points, value, spatial_shapes, level_start_index, mask
+        )
         return self.feed_forward(x)
 
     def feed_forward(self, x):

@@ -106,7 +106,11 @@ class PETRTransformerEncoder(nn.Module):
             src.append(f.flatten(2).transpose(1, 2))  # (B, H*W, C)
             mask_flat.append(m.flatten(1))
             pos_flat.append(p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-        src, mask_flat, pos_flat = torch.cat(src, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1)
+        src, mask_flat, pos_flat = (
+            torch.cat(src, 1),
+            torch.cat(mask_flat, 1),
+            torch.cat(pos_flat, 1),
+        )
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])

@@ -8,7 +8,6 @@ trained that way, so we keep it.
 
 import math
 
-import torch
 import torch.nn as nn
 
 from .attention import PETRMSDeformAttn

@@ -23,14 +23,15 @@ class PETRJointDecoder(nn.Module):
         self.query_embed = nn.Embedding(num_keypoints, 2 * dim)
         self.layers = nn.ModuleList(
             PETRDecoderLayer(
-                dim, num_heads, ffn_dim, dropout,
+                dim,
+                num_heads,
+                ffn_dim,
+                dropout,
                 PETRMSDeformAttn(dim, num_heads, num_levels, num_points, dropout, im2col_step=128),
             )  # fmt: skip
             for _ in range(num_layers)
         )
-        self.kpt_heads = nn.ModuleList(
-            mlp([dim, dim, dim, 2]) for _ in range(num_layers)
-        )
+        self.kpt_heads = nn.ModuleList(mlp([dim, dim, dim, 2]) for _ in range(num_layers))
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -45,7 +46,8 @@ class PETRJointDecoder(nn.Module):
         Returns the refined keypoints of every layer, (Lj, N, K, 2) normalised (x, y)."""
         N = kpts.shape[0]
         img_inds = torch.repeat_interleave(
-            torch.arange(len(counts), device=kpts.device), torch.as_tensor(counts, device=kpts.device)
+            torch.arange(len(counts), device=kpts.device),
+            torch.as_tensor(counts, device=kpts.device),
         )
         pos, x = self.query_embed.weight.split(self.query_embed.weight.shape[1] // 2, dim=1)
         pos = pos[None].expand(N, -1, -1)

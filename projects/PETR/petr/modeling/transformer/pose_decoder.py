@@ -25,7 +25,10 @@ class PETRPoseDecoder(nn.Module):
         self.query_embed = nn.Embedding(num_queries, 2 * dim)
         self.layers = nn.ModuleList(
             PETRDecoderLayer(
-                dim, num_heads, ffn_dim, dropout,
+                dim,
+                num_heads,
+                ffn_dim,
+                dropout,
                 PETRPoseDeformAttn(dim, num_heads, num_levels, num_keypoints, dropout),
             )  # fmt: skip
             for _ in range(num_layers)

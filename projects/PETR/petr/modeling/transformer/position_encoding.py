@@ -34,6 +34,10 @@ class PETRSinePositionEncoding(nn.Module):
         pos_y = y[..., None] / dim_t
         B, H, W = mask.shape
         # (B, H, W, F/2, 2) -> (B, H, W, F): sin and cos interleaved
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).view(B, H, W, -1)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).view(B, H, W, -1)
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).view(
+            B, H, W, -1
+        )
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).view(
+            B, H, W, -1
+        )
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .common import inverse_sigmoid, mlp
+from .common import mlp
 from .encoder import EncoderMemory
 
 
@@ -48,7 +48,9 @@ class PETRPointProposals(nn.Module):
         self.output_proj = nn.Linear(dim, dim)
         self.output_norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, 1)
-        self.kpt_head = mlp([dim, kpt_hidden_dim, kpt_hidden_dim, kpt_hidden_dim, 2 * num_keypoints])
+        self.kpt_head = mlp(
+            [dim, kpt_hidden_dim, kpt_hidden_dim, kpt_hidden_dim, 2 * num_keypoints]
+        )
         nn.init.xavier_uniform_(self.output_proj.weight)  # part of the official transformer init
         nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
 
@@ -70,7 +72,9 @@ class PETRPointProposals(nn.Module):
                 f"{self.num_proposals}: use a larger input or fewer proposals"
             )
         topk = torch.topk(logits[..., 0], self.num_proposals, dim=1)[1]
-        ref_logits = torch.gather(kpt_logits, 1, topk[..., None].expand(-1, -1, kpt_logits.shape[-1]))
+        ref_logits = torch.gather(
+            kpt_logits, 1, topk[..., None].expand(-1, -1, kpt_logits.shape[-1])
+        )
         return {
             "enc_logits": logits,
             "enc_kpts": kpt_logits.sigmoid(),
