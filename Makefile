@@ -35,8 +35,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Train the toy model on CPU: AP of the untrained model, training with periodic evaluation, then
+# the learning curve and drawings of validation predictions.
+TOY_OUT := output/petr_toy
 toy: setup
-	$(PY) tools/train_net.py --config-file configs/petr_toy.yaml --toy-report output/petr_toy
+	$(PY) tools/train_net.py --config-file configs/petr_toy.yaml --eval-only \
+		OUTPUT_DIR $(TOY_OUT)/untrained
+	$(PY) tools/train_net.py --config-file configs/petr_toy.yaml OUTPUT_DIR $(TOY_OUT)
+	$(PY) tools/toy_report.py $(TOY_OUT)
 
 clean-build:
 	rm -rf build $(VENV)/.stamp-build projects/PETR/petr/_C*.so

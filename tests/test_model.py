@@ -106,3 +106,19 @@ def test_wrong_keypoint_count_is_reported():
     batch[0]["file_name"] = "crowd.jpg"
     with pytest.raises(ValueError, match="crowd.jpg.*14 keypoints.*17"):
         model(batch)
+
+
+def test_every_process_joins_the_same_collectives(monkeypatch):
+    """Loss normalisers are averaged across processes: a process whose images have no people must
+    make exactly the same all_reduce calls as one with people, or DDP training deadlocks."""
+    from petr.modeling import losses as losses_module
+
+    calls = []
+    monkeypatch.setattr(losses_module, "reduce_mean", lambda v: calls.append(1) or v)
+    model = _tiny_model().train()
+    counts = []
+    for people in ([3, 1], [0, 0]):
+        calls.clear()
+        model(random_person_batch(17, [(96, 128), (80, 112)], people, seed=6))
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0

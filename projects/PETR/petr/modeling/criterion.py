@@ -218,11 +218,12 @@ class PETRCriterion(nn.Module):
 
     def _oks(self, kpts: Tensor, matched: _Matched) -> Tensor:
         """-log OKS in pixels over matched queries; kpts (B, Q, 2K)."""
+        # Every process must join the normaliser's all_reduce, with or without positives.
+        norm = normaliser(len(matched), kpts.device)
         if len(matched) == 0:
             return kpts.sum() * 0
         pred = kpts[matched.batch_idx, matched.pred_idx]
-        loss = self._oks_sum(pred, matched)
-        return loss / normaliser(len(matched), kpts.device)
+        return self._oks_sum(pred, matched) / norm
 
     def _oks_sum(self, pred: Tensor, matched: _Matched) -> Tensor:
         shape = (len(matched), self.num_keypoints, 2)

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Summarise a training run: the learning curve (loss and keypoint AP per evaluation) as a table
+and a PNG, and drawings of the final predictions on a few validation images.
+
+    python tools/toy_report.py output/petr_toy [--num-vis 6]
+Reads OUTPUT_DIR/metrics.json (Detectron2's JSONWriter) and the predictions COCOEvaluator saved in
+OUTPUT_DIR/inference/instances_predictions.pth.
+"""
+
+import argparse
+import json
+import os
+
+import cv2
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.visualizer import Visualizer
+
+from petr import add_petr_config
+
+
+def read_curve(metrics_file):
+    """Rows (iteration, mean total_loss since the previous row, keypoints AP or None)."""
+    rows, losses = [], []
+    with open(metrics_file) as f:
+        for line in f:
+            m = json.loads(line)
+            if "total_loss" in m:
+                losses.append(m["total_loss"])
+            if "keypoints/AP" in m:
+                loss = sum(losses) / len(losses) if losses else float("nan")
+                rows.append((m["iteration"], loss, m["keypoints/AP"]))
+                losses = []
+    return rows
+
+
+def plot_curve(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [r[0] + 1 for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(it, [r[2] for r in rows], "o-", color="tab:blue")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("keypoint AP (petr_toy_val)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(it, [r[1] for r in rows], "s--", color="tab:red")
+    ax2.set_ylabel("training loss", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def draw_predictions(cfg, output_dir, num, threshold):
+    dataset = cfg.DATASETS.TEST[0]
+    preds = torch.load(os.path.join(output_dir, "inference", "instances_predictions.pth"))
+    dicts = {d["image_id"]: d for d in DatasetCatalog.get(dataset)}
+    meta = MetadataCatalog.get(dataset)
+    vis_dir = os.path.join(output_dir, "vis")
+    os.makedirs(vis_dir, exist_ok=True)
+    written = []
+    for p in preds[:num]:
+        d = dicts[p["image_id"]]
+        img = read_image(d["file_name"], format="RGB")
+        v = Visualizer(img, meta)
+        for inst in p.get("instances", []):
+            if inst["score"] < threshold:
+                continue
+            kpts = torch.tensor(inst["keypoints"]).view(-1, 3)
+            kpts[:, :2] += 0.5  # the json is in COCO pixel indices; the drawing in continuous xy
+            v.draw_and_connect_keypoints(kpts)
+        out = os.path.join(vis_dir, os.path.basename(d["file_name"]))
+        cv2.imwrite(out, v.output.get_image()[:, :, ::-1])
+        written.append(out)
+    return written
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--config-file", default="configs/petr_toy.yaml")
+    parser.add_argument("--num-vis", type=int, default=6)
+    parser.add_argument("--confidence-threshold", type=float, default=0.3)
+    args = parser.parse_args()
+    cfg = get_cfg()
+    add_petr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+
+    rows = read_curve(os.path.join(args.output_dir, "metrics.json"))
+    print("| iteration | mean training loss | keypoint AP |")
+    print("|---:|---:|---:|")
+    for it, loss, ap in rows:
+        print(f"| {it + 1} | {loss:.2f} | {ap:.1f} |")
+    if rows:
+        plot_curve(rows, os.path.join(args.output_dir, "learning_curve.png"))
+        print(f"learning curve: {os.path.join(args.output_dir, 'learning_curve.png')}")
+    files = draw_predictions(cfg, args.output_dir, args.num_vis, args.confidence_threshold)
+    print(f"{len(files)} drawings of validation predictions in {os.path.dirname(files[0])}")
+
+
+if __name__ == "__main__":
+    main()
