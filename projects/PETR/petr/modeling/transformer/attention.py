@@ -15,6 +15,21 @@ import torch.nn.functional as F
 from petr.layers import ms_deform_attn
 
 
+def _deform_attn_fp32(value, spatial_shapes, level_start_index, locations, weights, im2col_step):
+    """The op in float32 whatever autocast did to its inputs: under autocast the projections give
+    fp16/bf16 values while the locations stay fp32, and low-precision sampling locations would
+    cost up to a pixel on large maps (as Mask2Former does)."""
+    with torch.autocast(value.device.type, enabled=False):
+        return ms_deform_attn(
+            value.float(),
+            spatial_shapes,
+            level_start_index,
+            locations.float(),
+            weights.float(),
+            im2col_step,
+        )
+
+
 class _DeformAttnBase(nn.Module):
     """Shared projections: value/output projections, offsets and attention-weight predictors."""
 
@@ -57,7 +72,7 @@ class _DeformAttnBase(nn.Module):
         return offsets, F.softmax(weights, -1).view(B, Q, M, L, P)
 
     def attend(self, value, spatial_shapes, level_start_index, locations, weights):
-        out = ms_deform_attn(
+        out = _deform_attn_fp32(
             value, spatial_shapes, level_start_index, locations, weights, self.im2col_step
         )
         return self.dropout(self.output_proj(out))
@@ -108,7 +123,7 @@ class _DeformAttnBase(nn.Module):
             if locs.shape[0] == 0:
                 continue
             # (n_b, K, M, L, P, 2) -> (1, n_b * K, M, L, P, 2): instances become queries
-            out = ms_deform_attn(
+            out = _deform_attn_fp32(
                 value[b : b + 1],
                 spatial_shapes,
                 level_start_index,

@@ -1,0 +1,1 @@
+"""Speed and memory measurements of PETR (driven by tools/benchmark.py)."""

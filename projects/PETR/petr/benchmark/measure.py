@@ -1,0 +1,186 @@
+"""One benchmark measurement of PETR (inference or training) on synthetic data.
+
+Run as `python -m petr.benchmark.measure '<json spec>'` in a fresh process per measurement, so
+that the process's peak RSS (ru_maxrss) belongs to that measurement alone; prints one JSON line.
+Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("fp32" | "fp16"
+| "bf16", autocast), height, width, batch_size, warmup, iters.
+"""
+
+import importlib
+import json
+import resource
+import sys
+import time
+from typing import Dict, List
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, Keypoints
+
+from petr import add_petr_config
+
+__all__ = ["PEOPLE_PER_IMAGE", "deform_attn_backend", "run_measurement", "synthetic_batch"]
+
+PEOPLE_PER_IMAGE = 5  # synthetic training targets per image (COCO train averages ~3 with joints)
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def deform_attn_backend(device_type: str) -> str:
+    """'compiled' when ms_deform_attn runs petr._C on this device type, else 'reference'."""
+    # No public query exists yet; _missing_backend is the dispatcher's own test.
+    module = importlib.import_module("petr.layers.ms_deform_attn")
+    return "reference" if module._missing_backend(device_type) else "compiled"
+
+
+def synthetic_batch(
+    num_keypoints: int, height: int, width: int, batch_size: int, with_targets: bool, seed=0
+) -> List[Dict]:
+    """Detectron2 input dicts: random uint8 (3, height, width) images and, for training,
+    PEOPLE_PER_IMAGE random poses per image (keypoints in pixels, ~70% of joints visible)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(batch_size):
+        x = {
+            "image": torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8),
+            "height": height,
+            "width": width,
+        }
+        if with_targets:
+            n = PEOPLE_PER_IMAGE
+            # each person spans a random box covering up to half of the image side
+            lo = torch.rand(n, 1, 2, generator=g) * 0.5
+            xy = (lo + torch.rand(n, num_keypoints, 2, generator=g) * 0.5) * torch.tensor(
+                [width - 1.0, height - 1.0]
+            )
+            vis = (torch.rand(n, num_keypoints, 1, generator=g) > 0.3).float() * 2
+            vis[:, 0] = 2  # at least one visible joint per person
+            kpts = torch.cat([xy, vis], -1) * (vis > 0)
+            shown = vis[..., 0] > 0
+            big = torch.tensor(float("inf"))
+            boxes = torch.stack(
+                [
+                    torch.where(shown, kpts[..., 0], big).amin(1),
+                    torch.where(shown, kpts[..., 1], big).amin(1),
+                    torch.where(shown, kpts[..., 0], -big).amax(1),
+                    torch.where(shown, kpts[..., 1], -big).amax(1),
+                ],
+                -1,
+            )
+            inst = Instances((height, width))
+            inst.gt_keypoints = Keypoints(kpts)
+            inst.gt_boxes = Boxes(boxes)
+            inst.gt_areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(
+                min=32.0
+            )
+            inst.gt_classes = torch.zeros(n, dtype=torch.int64)
+            x["instances"] = inst
+        batch.append(x)
+    return batch
+
+
+def _build(spec: Dict):
+    cfg = get_cfg()
+    add_petr_config(cfg)
+    cfg.merge_from_file(spec["config_file"])
+    cfg.merge_from_list(list(spec.get("opts", [])))
+    cfg.MODEL.DEVICE = spec["device"]
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return cfg, model
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run_measurement(spec: Dict) -> Dict:
+    """Times `warmup` untimed and `iters` timed iterations. Returns ms_per_iter (mean),
+    ms_per_iter_min, images_per_s, iters_per_s, peak_mem_mib (CUDA: max_memory_allocated; CPU:
+    peak RSS increase over the built model) and the deformable-attention backend used."""
+    device, precision, train = spec["device"], spec["precision"], spec["mode"] == "train"
+    if precision not in ("fp32", *AUTOCAST_DTYPES):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ValueError("fp16 autocast is only benchmarked on CUDA; use bf16 on CPU")
+    cfg, model = _build(spec)
+    model.train(train)
+    batch = synthetic_batch(
+        model.num_keypoints, spec["height"], spec["width"], spec["batch_size"], train
+    )
+    autocast = torch.autocast(
+        device.split(":")[0],
+        dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+        enabled=precision != "fp32",
+    )
+    if train:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=1e-4)
+        scaler = torch.cuda.amp.GradScaler(enabled=precision == "fp16")
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        clip_value = clip.CLIP_VALUE if clip.ENABLED and clip.CLIP_TYPE == "full_model" else None
+
+    def step():
+        if train:
+            with autocast:
+                losses = model(batch)
+            scaler.scale(sum(losses.values())).backward()
+            if clip_value is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip_value, clip.NORM_TYPE)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad(), autocast:
+                model(batch)
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss_mib()
+    for _ in range(spec["warmup"]):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(spec["iters"]):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = _rss_mib() - rss_before
+    mean = sum(times) / len(times)
+    return {
+        "ms_per_iter": 1000.0 * mean,
+        "ms_per_iter_min": 1000.0 * min(times),
+        "iters_per_s": 1.0 / mean,
+        "images_per_s": spec["batch_size"] / mean,
+        "peak_mem_mib": peak,
+        "deform_attn": deform_attn_backend(device.split(":")[0]),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m petr.benchmark.measure '<json spec>'", file=sys.stderr)
+        return 2
+    spec = json.loads(argv[0])
+    if spec["iters"] < 1 or spec["warmup"] < 0 or spec["batch_size"] < 1:
+        raise ValueError(f"Need iters >= 1, warmup >= 0 and batch_size >= 1, got {spec}")
+    print(json.dumps(run_measurement(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

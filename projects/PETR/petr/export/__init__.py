@@ -1,0 +1,19 @@
+"""Export of PETR inference to ONNX (see onnx_wrapper for the limits)."""
+
+from .onnx_wrapper import (
+    PETRONNXWrapper,
+    compare_predictions,
+    export_petr_onnx,
+    reference_deform_attn,
+    run_onnxruntime,
+    run_reference,
+)
+
+__all__ = [
+    "PETRONNXWrapper",
+    "compare_predictions",
+    "export_petr_onnx",
+    "reference_deform_attn",
+    "run_onnxruntime",
+    "run_reference",
+]

@@ -1,0 +1,108 @@
+"""tools/benchmark.py on a shrunk config: the table has one row per requested measurement with
+positive numbers (no timing assertions: CI machines vary)."""
+
+import contextlib
+import importlib.util
+import io
+import os
+
+import pytest
+from petr_testing import REPO_ROOT, load_cfg, shrink_cfg
+
+H, W = 96, 128
+
+
+def _load_tool():
+    path = os.path.join(REPO_ROOT, "tools", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    cfg = shrink_cfg(load_cfg("petr_R50.yaml"))
+    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = ()
+    path = tmp_path_factory.mktemp("bench") / "tiny.yaml"
+    path.write_text(cfg.dump())
+    return str(path)
+
+
+def _run(config, *extra):
+    out = io.StringIO()
+    argv = ["--config-file", config, "--height", str(H), "--width", str(W)]
+    argv += ["--warmup", "1", "--iters", "2", "--devices", "cpu", *extra]
+    with contextlib.redirect_stdout(out):
+        rc = _load_tool().main(argv)
+    return rc, out.getvalue()
+
+
+def _rows(text):
+    """Table rows as lists of cells, header and separator excluded."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert lines[0].startswith("| mode | device | precision |")
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+def _check_row(row, mode, precision, batch):
+    mode_, device, precision_, batch_, size, ms_iter, it_s, ms_img, img_s, mem, attn = row
+    expected = (mode, "cpu", precision, str(batch), f"{H}x{W}")
+    assert (mode_, device, precision_, batch_, size) == expected
+    ms, ms_min = ms_iter.replace("(", "").replace(")", "").split()
+    assert 0 < float(ms_min) <= float(ms)
+    assert float(it_s) > 0 and float(ms_img) > 0 and float(img_s) > 0
+    assert float(img_s) == pytest.approx(batch * float(it_s), rel=0.01)
+    assert float(mem) >= 0  # RSS growth of the timed runs; 0 MiB is possible at this size
+    assert attn in ("compiled", "reference")
+
+
+def test_inference_table(tiny_config):
+    rc, out = _run(tiny_config, "--precisions", "fp32")
+    assert rc == 0, out
+    rows = _rows(out)
+    assert len(rows) == 1
+    _check_row(rows[0], "inference", "fp32", 1)
+    assert "CPU threads:" in out
+    assert "paper:" not in out  # the shrunk model is not the paper's R50
+
+
+def test_training_table_with_batch(tiny_config):
+    rc, out = _run(tiny_config, "--precisions", "fp32", "--train", "--batch-size", "2")
+    assert rc == 0, out
+    rows = _rows(out)
+    assert len(rows) == 1
+    _check_row(rows[0], "train", "fp32", 2)
+
+
+def test_bf16_autocast_inference_on_cpu(tiny_config):
+    rc, out = _run(tiny_config, "--precisions", "bf16")
+    assert rc == 0, out
+    _check_row(_rows(out)[0], "inference", "bf16", 1)
+
+
+def test_failed_measurement_is_reported_in_the_table(tiny_config):
+    # 96x128 gives 256 encoder tokens, fewer than 400 proposals: the model refuses the input
+    opts = ["--opts", "MODEL.PETR.NUM_PROPOSALS", "400", "MODEL.PETR.NUM_QUERIES", "400"]
+    rc, out = _run(tiny_config, "--precisions", "fp32", *opts)
+    assert rc == 1
+    (row,) = _rows(out)
+    assert "failed: ValueError" in row[5] and "NUM_PROPOSALS" in row[5]
+
+
+def test_paper_note_names_the_backbone():
+    note = _load_tool().paper_note
+    r50 = os.path.join(REPO_ROOT, "configs", "petr_R50.yaml")
+    assert "89 ms on V100 for R50" in note(r50, [])
+    assert "133 ms" in note(os.path.join(REPO_ROOT, "configs", "petr_SwinL.yaml"), [])
+    assert note(r50, ["MODEL.PETR.HIDDEN_DIM", "64"]) == ""
+
+
+def test_bad_arguments_exit_with_a_message(tiny_config, capsys):
+    tool = _load_tool()
+    with pytest.raises(SystemExit):
+        tool.main(["--config-file", tiny_config, "--iters", "0"])
+    assert "--iters >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.main(["--config-file", tiny_config, "--devices", "cpu", "--precisions", "fp16"])
+    assert "fp16 autocast is benchmarked on CUDA only" in capsys.readouterr().err
