@@ -104,14 +104,9 @@ def measure(args, device, precision) -> dict:
 
 def paper_note(config_file: str, opts) -> str:
     """The paper's V100 latency for the backbone of this config, if the paper reports one."""
-    from detectron2.config import get_cfg
+    from petr import get_petr_cfg
 
-    from petr import add_petr_config
-
-    cfg = get_cfg()
-    add_petr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = get_petr_cfg(config_file, opts)
     if cfg.MODEL.BACKBONE.NAME == "build_swin_backbone":
         name = "Swin-L" if cfg.MODEL.SWIN.EMBED_DIM == 192 else None
     else:

@@ -17,13 +17,11 @@ import sys
 import time
 
 import cv2
-import torch
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
-from petr import add_petr_config
+from petr import get_petr_cfg
 from petr.demo import VisualizationDemo
 
 WINDOW_NAME = "PETR"
@@ -32,12 +30,7 @@ logger = logging.getLogger("petr.demo")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_petr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_petr_cfg(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

@@ -15,10 +15,9 @@ import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from petr import add_petr_config
+from petr import get_petr_cfg
 from petr.export.onnx_wrapper import (
     MIN_OPSET,
     compare_predictions,
@@ -45,10 +44,7 @@ Limits:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_petr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_petr_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg

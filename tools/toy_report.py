@@ -13,12 +13,11 @@ import os
 
 import cv2
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 
-from petr import add_petr_config
+from petr import get_petr_cfg
 
 
 def read_curve(metrics_file):
@@ -85,9 +84,7 @@ def main():
     parser.add_argument("--num-vis", type=int, default=6)
     parser.add_argument("--confidence-threshold", type=float, default=0.3)
     args = parser.parse_args()
-    cfg = get_cfg()
-    add_petr_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg = get_petr_cfg(args.config_file)
 
     rows = read_curve(os.path.join(args.output_dir, "metrics.json"))
     print("| iteration | mean training loss | keypoint AP |")

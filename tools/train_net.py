@@ -9,24 +9,17 @@ Runs on CPU machines too (MODEL.DEVICE cpu; --num-gpus N then starts N gloo proc
 
 import os
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from petr import add_petr_config
+from petr import get_petr_cfg
 from petr.engine import PETRTrainer
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_petr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_petr_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -1,6 +1,7 @@
 """Config keys PETR adds to Detectron2's defaults. Values are the official R50 COCO recipe."""
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_petr_config(cfg):
@@ -10,6 +11,21 @@ def add_petr_config(cfg):
     _add_data_config(cfg)
     _add_solver_config(cfg)
     _add_test_config(cfg)
+
+
+def get_petr_cfg(config_file=None, opts=()):
+    """Detectron2's defaults + PETR's keys, then `config_file` and `opts` (KEY VALUE list).
+    MODEL.DEVICE falls back to CPU when it asks for CUDA and none is available."""
+    cfg = get_cfg()
+    add_petr_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    import torch
+
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def _add_model_config(cfg):

@@ -15,11 +15,10 @@ from typing import Dict, List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, Keypoints
 
-from petr import add_petr_config
+from petr import get_petr_cfg
 
 __all__ = ["PEOPLE_PER_IMAGE", "deform_attn_backend", "run_measurement", "synthetic_batch"]
 
@@ -81,10 +80,7 @@ def synthetic_batch(
 
 
 def _build(spec: Dict):
-    cfg = get_cfg()
-    add_petr_config(cfg)
-    cfg.merge_from_file(spec["config_file"])
-    cfg.merge_from_list(list(spec.get("opts", [])))
+    cfg = get_petr_cfg(spec["config_file"], spec.get("opts", []))
     cfg.MODEL.DEVICE = spec["device"]
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
