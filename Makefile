@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 REQS := requirements/reference-stack.txt
-CSRC := $(shell find projects/PETR/petr/layers/csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+CSRC := $(shell find projects/PETR/petr/layers/csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 # python3.10 from PATH, or from pyenv when its shim is not set to 3.10.
 PYTHON310 ?= $(shell for p in python3.10 $$HOME/.pyenv/versions/3.10*/bin/python3.10; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null && { echo $$p; break; }; done)

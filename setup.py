@@ -8,6 +8,7 @@ already installed in the environment.
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -29,6 +30,11 @@ def get_extensions():
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     define_macros = []
     extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    extra_link_args = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for only runs in parallel in code compiled with OpenMP, like torch itself.
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     extension = CppExtension
     sources = cpp_sources
     if _want_cuda() and cuda_sources:
@@ -51,6 +57,7 @@ def get_extensions():
             include_dirs=[os.path.abspath(CSRC)],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     ]
 

@@ -6,7 +6,6 @@ Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("
 | "bf16", autocast), height, width, batch_size, warmup, iters.
 """
 
-import importlib
 import json
 import resource
 import sys
@@ -19,6 +18,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, Keypoints
 
 from petr import get_petr_cfg
+from petr.layers import ms_deform_attn_backend
 
 __all__ = ["PEOPLE_PER_IMAGE", "deform_attn_backend", "run_measurement", "synthetic_batch"]
 
@@ -28,9 +28,7 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def deform_attn_backend(device_type: str) -> str:
     """'compiled' when ms_deform_attn runs petr._C on this device type, else 'reference'."""
-    # No public query exists yet; _missing_backend is the dispatcher's own test.
-    module = importlib.import_module("petr.layers.ms_deform_attn")
-    return "reference" if module._missing_backend(device_type) else "compiled"
+    return ms_deform_attn_backend(device_type)
 
 
 def synthetic_batch(

@@ -2,6 +2,7 @@ from .ms_deform_attn import (
     MSDeformAttnFunction,
     check_ms_deform_attn_inputs,
     ms_deform_attn,
+    ms_deform_attn_backend,
     ms_deform_attn_reference,
 )
 
@@ -9,5 +10,6 @@ __all__ = [
     "MSDeformAttnFunction",
     "check_ms_deform_attn_inputs",
     "ms_deform_attn",
+    "ms_deform_attn_backend",
     "ms_deform_attn_reference",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "MSDeformAttnFunction",
     "check_ms_deform_attn_inputs",
     "ms_deform_attn",
+    "ms_deform_attn_backend",
     "ms_deform_attn_reference",
 ]
 
@@ -204,6 +205,12 @@ def _missing_backend(device_type: str):
     if device_type == "cuda":
         return None if _C.has_cuda() else "petr._C was built without CUDA"
     return f"petr._C has no {device_type} kernel"
+
+
+def ms_deform_attn_backend(device_type: str) -> str:
+    """'compiled' when `ms_deform_attn` runs petr._C on `device_type` ('cpu', 'cuda'), else
+    'reference' (the pure-PyTorch fallback)."""
+    return "reference" if _missing_backend(device_type) else "compiled"
 
 
 def _warn_once(key: str, message: str) -> None:
