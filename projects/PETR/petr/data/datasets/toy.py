@@ -55,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # bump when rendering changes, so old caches are not reused
+GENERATOR_VERSION = 3  # bump when rendering changes, so old caches are not reused
 DEFAULT_NUM_IMAGES = {"train": 2000, "val": 200}
 _SIZE_ENV = {"train": "PETR_TOY_NUM_TRAIN", "val": "PETR_TOY_NUM_VAL"}
 _MANIFEST = "manifest.json"
@@ -121,7 +121,7 @@ def generate_split(spec, out_dir):
     """Render `spec` into `out_dir` (images/, the COCO json, the manifest written last).
 
     Returns the number of person annotations. Keypoints are COCO pixel indices, boxes
-    [x, y, w, h] pixels, area = silhouette area in pixels.
+    [x, y, w, h] pixels, area = the OKS scale (0.55 x box area).
     """
     json_file = os.path.join(out_dir, spec.json_name)
     image_root = os.path.join(out_dir, "images")

@@ -49,6 +49,7 @@ _TILE = 768  # side of the cached noise field (px)
 
 # People per image: 0..4 with these probabilities.
 _COUNT_PROBS = (0.1, 0.35, 0.25, 0.18, 0.12)
+AREA_TO_BOX = 0.55
 
 
 def _rgb_to_bgr(rgb):
@@ -294,7 +295,7 @@ def _place_people(rng, count, height, width):
     placed, boxes = [], []
     for _ in range(count):
         for _try in range(10):
-            person_h = math.exp(rng.uniform(math.log(56), math.log(0.95 * min(height, width))))
+            person_h = math.exp(rng.uniform(math.log(80), math.log(0.95 * min(height, width))))
             center = rng.uniform([-0.05 * width, 0.15 * height], [1.05 * width, 0.95 * height])
             lean = _clamp(rng.normal(0.0, 0.25), 0.8)
             pose = sample_pose(rng, person_h, center, lean)
@@ -330,7 +331,7 @@ def render_image(rng, height, width):
         "keypoints" (17, 3) float64 as COCO (x, y pixel indices, v in {0, 1, 2}; v=0 joints are
         out of frame and all zero, v=1 joints are hidden by an occluder, another person or the
         head's own yaw), "bbox" [x, y, w, h] of the silhouette clipped to the image (pixels),
-        "area" the silhouette area in pixels (the OKS scale).
+        "area" the OKS scale: 0.55 x the box area (at least the silhouette's pixel count).
     """
     canvas = _Canvas(render_background(rng, height, width))
     draw_clutter(rng, canvas)
@@ -358,5 +359,8 @@ def render_image(rng, height, width):
         vis = np.where(inside, np.where(on_top & face_vis, 2, 1), 0)
         kpts = np.concatenate([joints * (vis[:, None] > 0), vis[:, None]], axis=1)
         bbox = [float(v) for v in cv2.boundingRect(mask)]  # x, y, w, h of the silhouette
-        annotations.append({"keypoints": kpts, "bbox": bbox, "area": float(cv2.countNonZero(mask))})
+        # The OKS scale: a stick figure's silhouette is far thinner than a person's segment, so use
+        # COCO's typical segment-to-box ratio for people (~0.55) instead of the pixel count.
+        area = max(AREA_TO_BOX * bbox[2] * bbox[3], float(cv2.countNonZero(mask)))
+        annotations.append({"keypoints": kpts, "bbox": bbox, "area": area})
     return img, annotations
