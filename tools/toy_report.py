@@ -20,8 +20,8 @@ from detectron2.utils.visualizer import Visualizer
 from petr import get_petr_cfg
 
 
-def read_curve(metrics_file):
-    """Rows (iteration, mean total_loss since the previous row, keypoints AP or None)."""
+def read_curve(metrics_file, max_iter):
+    """Rows (iterations done, mean total_loss since the previous row, keypoints AP)."""
     rows, losses = [], []
     with open(metrics_file) as f:
         for line in f:
@@ -30,7 +30,8 @@ def read_curve(metrics_file):
                 losses.append(m["total_loss"])
             if "keypoints/AP" in m:
                 loss = sum(losses) / len(losses) if losses else float("nan")
-                rows.append((m["iteration"], loss, m["keypoints/AP"]))
+                # periodic evaluations log the 0-based iteration, the final one MAX_ITER
+                rows.append((min(m["iteration"] + 1, max_iter), loss, m["keypoints/AP"]))
                 losses = []
     return rows
 
@@ -41,7 +42,7 @@ def plot_curve(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    it = [r[0] + 1 for r in rows]
+    it = [r[0] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(it, [r[2] for r in rows], "o-", color="tab:blue")
     ax.set_xlabel("iteration")
@@ -82,15 +83,15 @@ def main():
     parser.add_argument("output_dir")
     parser.add_argument("--config-file", default="configs/petr_toy.yaml")
     parser.add_argument("--num-vis", type=int, default=6)
-    parser.add_argument("--confidence-threshold", type=float, default=0.3)
+    parser.add_argument("--confidence-threshold", type=float, default=0.2)
     args = parser.parse_args()
     cfg = get_petr_cfg(args.config_file)
 
-    rows = read_curve(os.path.join(args.output_dir, "metrics.json"))
+    rows = read_curve(os.path.join(args.output_dir, "metrics.json"), cfg.SOLVER.MAX_ITER)
     print("| iteration | mean training loss | keypoint AP |")
     print("|---:|---:|---:|")
     for it, loss, ap in rows:
-        print(f"| {it + 1} | {loss:.2f} | {ap:.1f} |")
+        print(f"| {it} | {loss:.2f} | {ap:.1f} |")
     if rows:
         plot_curve(rows, os.path.join(args.output_dir, "learning_curve.png"))
         print(f"learning curve: {os.path.join(args.output_dir, 'learning_curve.png')}")

@@ -85,6 +85,9 @@ class PETRTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        # like Detectron2's train_net: keep the predictions under OUTPUT_DIR/inference
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         return build_keypoint_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
