@@ -234,10 +234,7 @@ def test_real_official_checkpoint_loads_through_detectron2(tiny_converted):
 
     # End to end: the converted weights reproduce the official outputs on the fixture's image
     # (README: faithful to ~1e-5 in score, ~1e-3 px; looser than 0.01 px is a real difference).
-    io_path = os.path.join(os.path.dirname(src_path), "opera_tiny_io.pt")
-    if not os.path.isfile(io_path):
-        pytest.skip(f"{io_path} not available")
-    io = torch.load(io_path)
+    io = torch.load(os.path.join(os.path.dirname(src_path), "opera_tiny_io.pt"))
     model.eval()
     with torch.no_grad():
         inst = model([{"image": io["image_rgb"].permute(2, 0, 1)}])[0]["instances"]
