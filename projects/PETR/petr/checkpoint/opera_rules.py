@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple
 
 from .opera_layout import OperaLayout, ResNetLayout
 
-__all__ = ["DROPPED", "rule_table", "expected_shapes"]
+__all__ = ["DROPPED", "resnet_rules", "rule_table", "expected_shapes"]
 
 Rule = Tuple[str, str]  # (official-name regex, our-name template)
 
@@ -67,16 +67,22 @@ def _compose(prefix: Rule, sub_rules: List[Rule]) -> List[Rule]:
     return [(src + s, dst + d) for s, d in sub_rules]
 
 
+def resnet_rules() -> List[Rule]:
+    """torchvision / mmdet ResNet names -> Detectron2 ResNet names, both under `backbone.`."""
+    rules: List[Rule] = [
+        (r"backbone\.conv1\.weight", "backbone.stem.conv1.weight"),
+        (r"backbone\.bn1\." + _BN, "backbone.stem.conv1.norm.{t}"),
+    ]
+    for n in range(1, 5):  # torchvision layerN is Detectron2 res{N+1}
+        rules += _compose((rf"backbone\.layer{n}\.", f"backbone.res{n + 1}."), _RESNET_BLOCK)
+    return rules
+
+
 def rule_table(layout: OperaLayout) -> List[Rule]:
     """Ordered rules for every non-dropped official tensor (the Swin backbone excepted)."""
     rules: List[Rule] = []
     if isinstance(layout.backbone, ResNetLayout):
-        rules += [
-            (r"backbone\.conv1\.weight", "backbone.stem.conv1.weight"),
-            (r"backbone\.bn1\." + _BN, "backbone.stem.conv1.norm.{t}"),
-        ]
-        for n in range(1, 5):  # torchvision layerN is Detectron2 res{N+1}
-            rules += _compose((rf"backbone\.layer{n}\.", f"backbone.res{n + 1}."), _RESNET_BLOCK)
+        rules += resnet_rules()
     enc_branch = layout.pose_dec_layers  # the extra last cls/kpt branch serves the proposals
     rules += [
         (r"neck\.(?P<m>convs|extra_convs)\.(?P<i>\d+)\.conv\.weight", "neck.{m}.{i}.weight"),
