@@ -71,6 +71,13 @@ class _DeformAttnBase(nn.Module):
         weights = self.attention_weights(query).view(B, Q, M, L * P)
         return offsets, F.softmax(weights, -1).view(B, Q, M, L, P)
 
+    def _locations_and_weights(self, query, query_pos, reference_points, spatial_shapes):
+        """Sampling locations (B, Q, M, L, P, 2) and softmaxed weights (B, Q, M, L, P) for the
+        queries (plus position, when given) around their reference points."""
+        q = query if query_pos is None else query + query_pos
+        offsets, weights = self.offsets_and_weights(q)
+        return self.sampling_locations(offsets, reference_points, spatial_shapes), weights
+
     def attend(self, value, spatial_shapes, level_start_index, locations, weights):
         out = _deform_attn_fp32(
             value, spatial_shapes, level_start_index, locations, weights, self.im2col_step
@@ -91,9 +98,9 @@ class _DeformAttnBase(nn.Module):
         for PETRMSDeformAttn, (B, Q, L, 2K) for PETRPoseDeformAttn, normalised;
         value (B, S, C) not yet projected; padding_mask (B, S) True on padding.
         Returns query + dropout(attention) (B, Q, C)."""
-        q = query if query_pos is None else query + query_pos
-        offsets, weights = self.offsets_and_weights(q)
-        locations = self.sampling_locations(offsets, reference_points, spatial_shapes)
+        locations, weights = self._locations_and_weights(
+            query, query_pos, reference_points, spatial_shapes
+        )
         v = self.project_value(value, padding_mask)
         return query + self.attend(v, spatial_shapes, level_start_index, locations, weights)
 
@@ -116,8 +123,9 @@ class _DeformAttnBase(nn.Module):
         decoder does, without materialising an (N, S, C) copy of the memory.
         """
         N, K, C = query.shape
-        offsets, weights = self.offsets_and_weights(query + query_pos)
-        locations = self.sampling_locations(offsets, reference_points, spatial_shapes)
+        locations, weights = self._locations_and_weights(
+            query, query_pos, reference_points, spatial_shapes
+        )
         outs = []
         for b, (locs, w) in enumerate(zip(locations.split(counts), weights.split(counts))):
             if locs.shape[0] == 0:
