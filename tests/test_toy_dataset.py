@@ -101,7 +101,7 @@ def test_split_has_variety(split):
     v = np.concatenate([k[:, 2] for _, k, _ in _people(coco)])
     assert (v == 0).any() and (v == 1).any() and (v == 2).mean() > 0.5
     heights = [a["bbox"][3] for a in coco["annotations"]]
-    assert max(heights) > 3 * min(heights)
+    assert max(heights) > 2 * min(heights)  # people are drawn 110 px to 0.95 x the image side
 
 
 def test_people_face_the_camera_and_flip_map_swaps_sides(split):

@@ -92,11 +92,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_env):
     ckpt = out / "model_0000003.pth"  # written after iteration 3 (the 4th)
     deadline = time.time() + 600
     try:
-        while (
-            not (out / "last_checkpoint").exists()
-            or "0000003" not in (out / "last_checkpoint").read_text()
-        ):
-            assert proc.poll() is None, "training exited before its 4th iteration"
+        while _tagged_iteration(out) < 3:  # polling may miss the moment the tag says 3
+            assert proc.poll() is None, "training exited before it could be killed"
             assert time.time() < deadline, "no checkpoint after 10 minutes"
             time.sleep(0.5)
     finally:
@@ -111,7 +108,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_env):
     cfg.DATASETS.TRAIN = ("petr_toy_train",)
     trainer = _trainer_without_data(cfg)
     trainer.resume_or_load(resume=True)
-    last = max(int(p.stem.split("_")[1]) for p in out.glob("model_0*.pth"))
+    # The kill may land while a newer checkpoint file is half-written; Detectron2 tags a file as
+    # the last checkpoint only after writing it, and that tag is what `--resume` follows.
+    last = _tagged_iteration(out)
     assert last < 19, "the run finished before it was killed"
     assert trainer.start_iter == last + 1 >= saved["iteration"] + 1
     restored = torch.load(out / f"model_{last:07d}.pth", map_location="cpu")
@@ -137,6 +136,15 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_env):
     log = (out / "log.txt").read_text()
     assert f"Starting training from iteration {last + 1}" in log
     assert torch.load(out / "model_final.pth", map_location="cpu")["iteration"] == 19
+
+
+def _tagged_iteration(output_dir):
+    """Iteration of the checkpoint named in `last_checkpoint` (-1 before the first one)."""
+    tag = output_dir / "last_checkpoint"
+    name = tag.read_text().strip() if tag.exists() else ""
+    if not (name.startswith("model_0") and name.endswith(".pth")):
+        return -1
+    return int(name[len("model_") : -len(".pth")])
 
 
 def _trainer_without_data(cfg):

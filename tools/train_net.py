@@ -13,6 +13,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from petr import get_petr_cfg
 from petr.engine import PETRTrainer
@@ -22,6 +23,8 @@ def setup(args):
     cfg = get_petr_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # PETR's own messages (e.g. the toy dataset being generated on first use) go to the same log
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="petr")
     return cfg
 
 

@@ -71,6 +71,9 @@ def _add_model_config(cfg):
     # keypoints and COCOEvaluator subtracts it; the official models were trained on raw json
     # coordinates, so converted official checkpoints want 0.5 here. Models trained here want 0.
     p.OUTPUT_PIXEL_OFFSET = 0.0
+    # Greedy OKS-NMS over the final poses when > 0 (OKS threshold). The official model has none;
+    # it helps a briefly trained model, whose duplicate poses outrank other people (the toy).
+    p.OKS_NMS_THRESH_TEST = 0.0
 
 
 def _add_swin_config(cfg):

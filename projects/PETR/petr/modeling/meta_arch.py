@@ -19,7 +19,7 @@ from ..data.metadata import num_keypoints_from_metadata, oks_sigmas_from_metadat
 from .backbone.channel_mapper import PETRChannelMapper
 from .criterion import PETRCriterion
 from .matcher import PETRHungarianMatcher
-from .postprocess import poses_to_instances
+from .postprocess import oks_nms, poses_to_instances
 from .transformer.encoder import PETRTransformerEncoder
 from .transformer.heatmap import PETRHeatmapHead
 from .transformer.joint_decoder import PETRJointDecoder
@@ -55,6 +55,8 @@ class PETR(nn.Module):
         input_format: str = "RGB",
         size_divisibility: int = 1,
         output_pixel_offset: float = 0.0,
+        oks_sigmas=None,
+        oks_nms_thresh: float = 0.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -72,6 +74,16 @@ class PETR(nn.Module):
         self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.output_pixel_offset = output_pixel_offset
+        # Optional test-time OKS-NMS (off in the official model); needs the dataset's sigmas.
+        if not 0.0 <= oks_nms_thresh <= 1.0:
+            raise ValueError(
+                f"MODEL.PETR.OKS_NMS_THRESH_TEST must be in [0, 1], got {oks_nms_thresh}"
+            )
+        if oks_nms_thresh > 0 and oks_sigmas is None:
+            raise ValueError("oks_nms_thresh > 0 needs oks_sigmas")
+        self.oks_nms_thresh = oks_nms_thresh
+        sigmas = torch.as_tensor(oks_sigmas if oks_sigmas is not None else [], dtype=torch.float32)
+        self.register_buffer("oks_sigmas", sigmas, False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -151,6 +163,8 @@ class PETR(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "size_divisibility": p.SIZE_DIVISIBILITY,
             "output_pixel_offset": p.OUTPUT_PIXEL_OFFSET,
+            "oks_sigmas": sigmas,
+            "oks_nms_thresh": p.OKS_NMS_THRESH_TEST,
         }
 
     @property
@@ -247,5 +261,8 @@ class PETR(nn.Module):
             inst = poses_to_instances(
                 refined[b], scores[b], size, out_size, self.output_pixel_offset
             )
+            if self.oks_nms_thresh > 0:
+                inst = inst[oks_nms(inst.pred_keypoints, inst.scores, self.oks_sigmas,
+                                    self.oks_nms_thresh)]  # fmt: skip
             results.append({"instances": inst})
         return results

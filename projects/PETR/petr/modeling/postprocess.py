@@ -1,5 +1,5 @@
 """Turns PETR's normalised pose predictions into Detectron2 `Instances` in image pixels
-(hikvision-research/opera, PETRHead._get_bboxes_single)."""
+(hikvision-research/opera, PETRHead._get_bboxes_single), plus the optional OKS-NMS."""
 
 from typing import Tuple
 
@@ -35,3 +35,33 @@ def poses_to_instances(
     result.scores = scores
     result.pred_classes = torch.zeros_like(scores, dtype=torch.int64)
     return result
+
+
+def pose_oks(
+    anchors: torch.Tensor, poses: torch.Tensor, sigmas: torch.Tensor, areas: torch.Tensor
+) -> torch.Tensor:
+    """COCO OKS between anchors (A, K, >=2) and poses (P, K, >=2), pixels, every joint counted.
+    sigmas (K,); areas (A,) the scale s^2 of each anchor. Returns (A, P) in [0, 1]."""
+    d2 = ((anchors[:, None, :, :2] - poses[None, :, :, :2]) ** 2).sum(-1)  # (A, P, K)
+    kappa2 = (2 * sigmas) ** 2
+    eps = torch.finfo(d2.dtype).eps  # pycocotools' np.spacing(1): a zero area gives OKS 0 or 1
+    e = d2 / kappa2 / (areas[:, None, None] + eps) / 2
+    return torch.exp(-e).mean(-1)
+
+
+def oks_nms(keypoints: torch.Tensor, scores: torch.Tensor, sigmas: torch.Tensor, threshold: float):
+    """Greedy OKS-NMS, as top-down pose estimators use it: visit poses by decreasing score and
+    drop every pose whose OKS with an already kept one exceeds `threshold`. The OKS scale is the
+    area of the kept pose's tight keypoint box. keypoints (N, K, >=2) pixels, scores (N,),
+    sigmas (K,). Returns the kept indices (M,), by decreasing score."""
+    order = scores.argsort(descending=True, stable=True)
+    if order.numel() <= 1:
+        return order
+    kpts = keypoints[order, :, :2].float()
+    wh = kpts.amax(1) - kpts.amin(1)
+    oks = pose_oks(kpts, kpts, sigmas.to(kpts), wh[:, 0] * wh[:, 1])  # (N, N), row = kept pose
+    suppressed = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+    for i in range(len(order)):
+        if not suppressed[i]:
+            suppressed[i + 1 :] |= oks[i, i + 1 :] > threshold
+    return order[~suppressed]

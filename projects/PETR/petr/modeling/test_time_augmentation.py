@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.metadata import oks_sigmas_from_metadata
 from ..data.transforms import CV2ResizeTransform, rescale_size
+from .postprocess import pose_oks
 
 __all__ = [
     "PETRWithTTA",
@@ -124,18 +125,6 @@ def soft_nms_linear(
     if not keep:
         return alive.new_zeros(0), scores.new_zeros(0)
     return torch.stack(keep), torch.stack(kept_scores)
-
-
-def pose_oks(
-    anchors: torch.Tensor, poses: torch.Tensor, sigmas: torch.Tensor, areas: torch.Tensor
-) -> torch.Tensor:
-    """COCO OKS between anchors (A, K, >=2) and poses (P, K, >=2), pixels, every joint counted.
-    sigmas (K,); areas (A,) the scale s^2 of each anchor. Returns (A, P) in [0, 1]."""
-    d2 = ((anchors[:, None, :, :2] - poses[None, :, :, :2]) ** 2).sum(-1)  # (A, P, K)
-    kappa2 = (2 * sigmas) ** 2
-    eps = torch.finfo(d2.dtype).eps  # pycocotools' np.spacing(1): a zero area gives OKS 0 or 1
-    e = d2 / kappa2 / (areas[:, None, None] + eps) / 2
-    return torch.exp(-e).mean(-1)
 
 
 def merge_by_oks(

@@ -1,10 +1,11 @@
 """Procedural renderer for the toy keypoint dataset: stick figures with COCO's 17 joints.
 
-Each person is a front-facing articulated figure (torso polygon, thick limbs, a head with eyes,
-nose, ears and hair), so the person's left side is on the image right of the body axis, as for a
-person facing the camera. That chirality is what makes horizontal-flip augmentation with the
-COCO flip map label-consistent; the per-limb colours (warm = left, cool = right) let a model
-follow each arm and leg back to its shoulder or hip when limbs cross.
+Each person is a front-facing articulated figure (torso polygon, thick limbs ending in hands and
+feet, a large cartoon head with eyes, nose, ears and hair), so the person's left side is on the
+image right of the body axis, as for a person facing the camera. That chirality is what makes
+horizontal-flip augmentation with the COCO flip map label-consistent; the per-limb colours
+(warm = left, cool = right) let a model follow each arm and leg back to its shoulder or hip when
+limbs cross.
 
 All coordinates are pixel indices (x right, y down) of the rendered image, as in COCO json, where
 Detectron2's loader later adds 0.5. Only numpy and OpenCV are used, so rendering is cheap.
@@ -41,14 +42,15 @@ EYE_RGB = (20, 20, 30)
 _NOSE_RGB = (170, 70, 60)
 
 # Body proportions as fractions of the person height (ankles to head top is about 1).
-_TORSO, _NECK, _HEAD_R = 0.30, 0.105, 0.07
+_TORSO, _NECK, _HEAD_R = 0.30, 0.105, 0.085  # a cartoon head: face joints stay legible
 _SHOULDER_HALF, _HIP_HALF = 0.115, 0.075
 _UPPER_ARM, _FOREARM, _THIGH, _SHIN = 0.17, 0.155, 0.245, 0.235
 
 _TILE = 768  # side of the cached noise field (px)
 
-# People per image: 0..4 with these probabilities.
-_COUNT_PROBS = (0.1, 0.35, 0.25, 0.18, 0.12)
+# People per image: 0..4 with these probabilities (crowded images give more supervision per
+# second of a CPU training step than mostly empty ones).
+_COUNT_PROBS = (0.05, 0.15, 0.25, 0.3, 0.25)
 AREA_TO_BOX = 0.55
 
 
@@ -203,6 +205,9 @@ def draw_person(canvas, owner_id, rng, pose):
             canvas.draw(owner_id, _line(joints[a], joints[b], frac * height), limb_bgr[a, b], mask)
 
     limbs(_LEGS)
+    shoe = _rgb_to_bgr(_jitter(rng, (45, 35, 30), 20))
+    for k in (15, 16):  # feet end the shins, so ankles are blob centres rather than line ends
+        canvas.draw(owner_id, _circle(joints[k], 0.033 * height), shoe, mask)
     shirt = _rgb_to_bgr(rng.integers(0, 256, 3))
     torso = joints[[L_SHOULDER, R_SHOULDER, R_HIP, L_HIP]]
     canvas.draw(owner_id, _poly(torso), shirt, mask)
@@ -221,10 +226,12 @@ def draw_person(canvas, owner_id, rng, pose):
     t = max(1, int(round(0.3 * head_r)))
     arc = _ellipse(head_c, (head_r - t / 2,) * 2, 0.0, top - 70, top + 70, t)
     canvas.draw(owner_id, arc, hair, mask)
-    for k, rgb, rad in ((1, EYE_RGB, 0.16), (2, EYE_RGB, 0.16), (0, _NOSE_RGB, 0.14)):
+    for k, rgb, rad in ((1, EYE_RGB, 0.22), (2, EYE_RGB, 0.22), (0, _NOSE_RGB, 0.2)):
         if face_vis[k]:
             canvas.draw(owner_id, _circle(joints[k], max(0.6, rad * head_r)), _rgb_to_bgr(rgb))
     limbs(_ARMS)  # arms in front of the torso and head
+    for k in (9, 10):  # hands, likewise
+        canvas.draw(owner_id, _circle(joints[k], 0.028 * height), skin, mask)
     return mask
 
 
@@ -262,14 +269,14 @@ def _random_shape(rng, canvas, owner_id, center, size, bgr):
 def draw_clutter(rng, canvas):
     """Background clutter: random shapes, thin lines and a few limb-coloured sticks."""
     h, w = canvas.owner.shape
-    for _ in range(rng.integers(0, 9)):
+    for _ in range(rng.integers(0, 6)):
         center = rng.uniform([0, 0], [w, h])
         _random_shape(rng, canvas, 0, center, rng.uniform(10, 0.4 * min(h, w)),
                       _rgb_to_bgr(rng.integers(0, 256, 3)))  # fmt: skip
     for _ in range(rng.integers(0, 4)):
         a, b = rng.uniform([0, 0], [w, h], (2, 2))
         canvas.draw(0, _line(a, b, rng.uniform(1, 4)), _rgb_to_bgr(rng.integers(0, 256, 3)))
-    if rng.random() < 0.3:  # distractors: a lone limb-coloured stick is not a person
+    if rng.random() < 0.2:  # distractors: a lone limb-coloured stick is not a person
         for _ in range(rng.integers(1, 3)):
             a = rng.uniform([0, 0], [w, h])
             b = a + rng.uniform(-40, 40, 2)
@@ -291,11 +298,14 @@ def _overlap(a, b):
 
 
 def _place_people(rng, count, height, width):
-    """Sample up to `count` poses with >= 3 joints in frame and limited mutual overlap."""
+    """Sample up to `count` poses with >= 3 joints in frame and limited mutual overlap.
+
+    People are at least 110 px tall: at the toy's test scale that keeps joints a few feature
+    cells (stride 8) apart, the resolution a 15-minute model can localise."""
     placed, boxes = [], []
     for _ in range(count):
         for _try in range(10):
-            person_h = math.exp(rng.uniform(math.log(80), math.log(0.95 * min(height, width))))
+            person_h = math.exp(rng.uniform(math.log(110), math.log(0.95 * min(height, width))))
             center = rng.uniform([-0.05 * width, 0.15 * height], [1.05 * width, 0.95 * height])
             lean = _clamp(rng.normal(0.0, 0.25), 0.8)
             pose = sample_pose(rng, person_h, center, lean)
@@ -338,7 +348,7 @@ def render_image(rng, height, width):
     count = rng.choice(len(_COUNT_PROBS), p=_COUNT_PROBS)
     people = _place_people(rng, count, height, width)
     masks = [draw_person(canvas, i + 1, rng, pose) for i, pose in enumerate(people)]
-    if people and rng.random() < 0.4:  # occluders over random joints -> v=1
+    if people and rng.random() < 0.3:  # occluders over random joints -> v=1
         for _ in range(rng.integers(1, 3)):
             pose = people[rng.integers(len(people))]
             center = pose.joints[rng.integers(NUM_KEYPOINTS)] + rng.normal(0, 0.05 * pose.height, 2)
