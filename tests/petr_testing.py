@@ -1,5 +1,6 @@
 """Shared helpers for the tests: small configs and synthetic inputs (no test data downloads)."""
 
+import importlib.util
 import os
 
 import torch
@@ -13,6 +14,15 @@ CONFIGS = os.path.join(REPO_ROOT, "configs")
 OPERA_TINY = os.path.join(REPO_ROOT, "tests", "data", "opera_tiny")
 # Name/shape/dtype listings of the four official checkpoints (copies of shared/reference).
 OPERA_STATE_DICTS = os.path.join(REPO_ROOT, "tests", "data", "opera_state_dicts")
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py (a script, not a package module) as a module."""
+    path = os.path.join(REPO_ROOT, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"petr_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_cfg(name: str):

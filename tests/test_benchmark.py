@@ -2,22 +2,17 @@
 positive numbers (no timing assertions: CI machines vary)."""
 
 import contextlib
-import importlib.util
 import io
 import os
 
 import pytest
-from petr_testing import REPO_ROOT, load_cfg, shrink_cfg
+from petr_testing import REPO_ROOT, load_cfg, load_tool, shrink_cfg
 
 H, W = 96, 128
 
 
 def _load_tool():
-    path = os.path.join(REPO_ROOT, "tools", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("benchmark_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """tools/demo.py and petr.demo on CPU with a tiny random PETR (no trained weights needed)."""
 
-import importlib.util
 import logging
 import os
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
-from petr_testing import REPO_ROOT, load_cfg, shrink_cfg
+from petr_testing import load_cfg, load_tool, shrink_cfg
 
 from petr.demo import VisualizationDemo, draw_poses
 from petr.modeling.test_time_augmentation import PETRWithTTA
@@ -30,14 +29,7 @@ MetadataCatalog.get(K14).set(
 )
 
 
-def _load_demo_script():
-    spec = importlib.util.spec_from_file_location("petr_demo_script", f"{REPO_ROOT}/tools/demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo_script = _load_demo_script()
+demo_script = load_tool("demo")
 
 
 def _tiny_cfg(test_dataset="keypoints_coco_2017_val"):

@@ -2,7 +2,6 @@
 Detectron2 inference of the same weights, and unsupported cases must fail clearly."""
 
 import contextlib
-import importlib.util
 import io
 import os
 import re
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
-from petr_testing import REPO_ROOT, load_cfg, shrink_cfg
+from petr_testing import load_cfg, load_tool, shrink_cfg
 
 from petr.export import PETRONNXWrapper, compare_predictions, export_petr_onnx, run_onnxruntime
 
@@ -25,11 +24,7 @@ KPT_ATOL_PX = 1e-2
 
 
 def _load_tool():
-    path = os.path.join(REPO_ROOT, "tools", "export_onnx.py")
-    spec = importlib.util.spec_from_file_location("export_onnx_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("export_onnx")
 
 
 def _perturbed_model(config, *opts):

@@ -3,12 +3,14 @@
 and a PNG, and drawings of the final predictions on a few validation images.
 
     python tools/toy_report.py output/petr_toy [--num-vis 6]
-Reads OUTPUT_DIR/metrics.json (Detectron2's JSONWriter) and the predictions COCOEvaluator saved in
+Reads OUTPUT_DIR/metrics.json (Detectron2's JSONWriter), the untrained model's AP from
+OUTPUT_DIR/untrained/log.txt when present, and the predictions COCOEvaluator saved in
 OUTPUT_DIR/inference/instances_predictions.pth.
 """
 
 import argparse
 import json
+import math
 import os
 
 import cv2
@@ -34,6 +36,21 @@ def read_curve(metrics_file, max_iter):
                 rows.append((min(m["iteration"] + 1, max_iter), loss, m["keypoints/AP"]))
                 losses = []
     return rows
+
+
+def read_logged_ap(log_file):
+    """Keypoint AP of the last evaluation in a Detectron2 log (its `copypaste:` lines), or None."""
+    ap, header = None, None
+    with open(log_file) as f:
+        for line in f:
+            if "copypaste: " not in line:
+                continue
+            fields = line.split("copypaste: ", 1)[1].strip().split(",")
+            if fields[0] == "AP":
+                header = fields
+            elif header is not None and len(fields) == len(header):
+                ap, header = float(fields[0]), None
+    return ap
 
 
 def plot_curve(rows, path):
@@ -88,10 +105,14 @@ def main():
     cfg = get_petr_cfg(args.config_file)
 
     rows = read_curve(os.path.join(args.output_dir, "metrics.json"), cfg.SOLVER.MAX_ITER)
+    untrained = os.path.join(args.output_dir, "untrained", "log.txt")  # `make toy` writes it
+    if os.path.isfile(untrained) and read_logged_ap(untrained) is not None:
+        rows.insert(0, (0, float("nan"), read_logged_ap(untrained)))
     print("| iteration | mean training loss | keypoint AP |")
     print("|---:|---:|---:|")
     for it, loss, ap in rows:
-        print(f"| {it} | {loss:.2f} | {ap:.1f} |")
+        loss_text = "" if math.isnan(loss) else f"{loss:.2f}"
+        print(f"| {it} | {loss_text} | {ap:.1f} |")
     if rows:
         plot_curve(rows, os.path.join(args.output_dir, "learning_curve.png"))
         print(f"learning curve: {os.path.join(args.output_dir, 'learning_curve.png')}")
