@@ -70,7 +70,7 @@ def test_model_applies_oks_nms_only_when_asked(monkeypatch):
         plain = model([image])[0]["instances"]
         model.oks_nms_thresh = 0.9
         nms = model([image])[0]["instances"]
-    keep = oks_nms(plain.pred_keypoints, plain.scores, model.oks_sigmas, 0.9)
+    keep = oks_nms(plain.pred_keypoints, plain.scores, model.criterion.oks_sigmas, 0.9)
     assert len(plain) == 5 and 1 not in keep.tolist() and len(nms) == len(keep) >= 1
     torch.testing.assert_close(nms.pred_keypoints, plain.pred_keypoints[keep])
     torch.testing.assert_close(nms.scores, plain.scores[keep])

@@ -106,8 +106,9 @@ def main():
 
     rows = read_curve(os.path.join(args.output_dir, "metrics.json"), cfg.SOLVER.MAX_ITER)
     untrained = os.path.join(args.output_dir, "untrained", "log.txt")  # `make toy` writes it
-    if os.path.isfile(untrained) and read_logged_ap(untrained) is not None:
-        rows.insert(0, (0, float("nan"), read_logged_ap(untrained)))
+    untrained_ap = read_logged_ap(untrained) if os.path.isfile(untrained) else None
+    if untrained_ap is not None:
+        rows.insert(0, (0, float("nan"), untrained_ap))
     print("| iteration | mean training loss | keypoint AP |")
     print("|---:|---:|---:|")
     for it, loss, ap in rows:

@@ -55,7 +55,6 @@ class PETR(nn.Module):
         input_format: str = "RGB",
         size_divisibility: int = 1,
         output_pixel_offset: float = 0.0,
-        oks_sigmas=None,
         oks_nms_thresh: float = 0.0,
     ):
         super().__init__()
@@ -74,16 +73,12 @@ class PETR(nn.Module):
         self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.output_pixel_offset = output_pixel_offset
-        # Optional test-time OKS-NMS (off in the official model); needs the dataset's sigmas.
+        # Optional test-time OKS-NMS (off in the official model), with the criterion's sigmas.
         if not 0.0 <= oks_nms_thresh <= 1.0:
             raise ValueError(
                 f"MODEL.PETR.OKS_NMS_THRESH_TEST must be in [0, 1], got {oks_nms_thresh}"
             )
-        if oks_nms_thresh > 0 and oks_sigmas is None:
-            raise ValueError("oks_nms_thresh > 0 needs oks_sigmas")
         self.oks_nms_thresh = oks_nms_thresh
-        sigmas = torch.as_tensor(oks_sigmas if oks_sigmas is not None else [], dtype=torch.float32)
-        self.register_buffer("oks_sigmas", sigmas, False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -163,7 +158,6 @@ class PETR(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "size_divisibility": p.SIZE_DIVISIBILITY,
             "output_pixel_offset": p.OUTPUT_PIXEL_OFFSET,
-            "oks_sigmas": sigmas,
             "oks_nms_thresh": p.OKS_NMS_THRESH_TEST,
         }
 
@@ -262,7 +256,7 @@ class PETR(nn.Module):
                 refined[b], scores[b], size, out_size, self.output_pixel_offset
             )
             if self.oks_nms_thresh > 0:
-                inst = inst[oks_nms(inst.pred_keypoints, inst.scores, self.oks_sigmas,
-                                    self.oks_nms_thresh)]  # fmt: skip
+                sigmas = self.criterion.oks_sigmas
+                inst = inst[oks_nms(inst.pred_keypoints, inst.scores, sigmas, self.oks_nms_thresh)]
             results.append({"instances": inst})
         return results
