@@ -55,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 6  # bump when rendering changes, so old caches are not reused
+GENERATOR_VERSION = 7  # bump when rendering changes, so old caches are not reused
 DEFAULT_NUM_IMAGES = {"train": 2000, "val": 200}
 _SIZE_ENV = {"train": "PETR_TOY_NUM_TRAIN", "val": "PETR_TOY_NUM_VAL"}
 _MANIFEST = "manifest.json"

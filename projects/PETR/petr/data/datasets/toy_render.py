@@ -9,6 +9,10 @@ limbs cross.
 
 All coordinates are pixel indices (x right, y down) of the rendered image, as in COCO json, where
 Detectron2's loader later adds 0.5. Only numpy and OpenCV are used, so rendering is cheap.
+
+Joint angles follow loose human statistics (arms mostly hanging or reaching out, sometimes raised;
+elbows and knees mostly near straight) rather than a uniform spread: a 15-minute CPU model learns
+the common poses first, as a real one does.
 """
 
 import functools
@@ -42,7 +46,7 @@ EYE_RGB = (20, 20, 30)
 _NOSE_RGB = (170, 70, 60)
 
 # Body proportions as fractions of the person height (ankles to head top is about 1).
-_TORSO, _NECK, _HEAD_R = 0.30, 0.105, 0.085  # a cartoon head: face joints stay legible
+_TORSO, _NECK, _HEAD_R = 0.30, 0.115, 0.10  # a cartoon head: face joints stay legible
 _SHOULDER_HALF, _HIP_HALF = 0.115, 0.075
 _UPPER_ARM, _FOREARM, _THIGH, _SHIN = 0.17, 0.155, 0.245, 0.235
 
@@ -100,10 +104,11 @@ def sample_pose(rng, height, center, lean):
     )
     for side, sh, el, wr, hip, kn, an in ((1, 5, 7, 9, 11, 13, 15), (-1, 6, 8, 10, 12, 14, 16)):
         # Angles from straight down, positive away from the body; lengths foreshortened.
-        up = rng.uniform(-0.35, 2.9)
-        fore = up + rng.uniform(-2.4, 2.4)
+        # Arms mostly hang or reach sideways, sometimes rise; elbows bend up to ~100 degrees.
+        up = rng.uniform(-0.3, 1.3) if rng.random() < 0.7 else rng.uniform(1.3, 2.9)
+        fore = up + _clamp(rng.normal(0.0, 0.8), 1.8)
         thigh = rng.uniform(-0.2, 0.9)
-        shin = thigh + rng.uniform(-1.2, 1.2)
+        shin = thigh + _clamp(rng.normal(0.0, 0.5), 1.2)
         short = rng.uniform(0.65, 1.0, 4)
         for a, b, ang, length in (
             (sh, el, up, _UPPER_ARM * prop[3] * short[0]),
@@ -207,7 +212,7 @@ def draw_person(canvas, owner_id, rng, pose):
     limbs(_LEGS)
     shoe = _rgb_to_bgr(_jitter(rng, (45, 35, 30), 20))
     for k in (15, 16):  # feet end the shins, so ankles are blob centres rather than line ends
-        canvas.draw(owner_id, _circle(joints[k], 0.033 * height), shoe, mask)
+        canvas.draw(owner_id, _circle(joints[k], 0.042 * height), shoe, mask)
     shirt = _rgb_to_bgr(rng.integers(0, 256, 3))
     torso = joints[[L_SHOULDER, R_SHOULDER, R_HIP, L_HIP]]
     canvas.draw(owner_id, _poly(torso), shirt, mask)
@@ -226,12 +231,15 @@ def draw_person(canvas, owner_id, rng, pose):
     t = max(1, int(round(0.3 * head_r)))
     arc = _ellipse(head_c, (head_r - t / 2,) * 2, 0.0, top - 70, top + 70, t)
     canvas.draw(owner_id, arc, hair, mask)
-    for k, rgb, rad in ((1, EYE_RGB, 0.22), (2, EYE_RGB, 0.22), (0, _NOSE_RGB, 0.2)):
+    for k in (1, 2):  # eyes: a white with a dark pupil, the joint at its centre
         if face_vis[k]:
-            canvas.draw(owner_id, _circle(joints[k], max(0.6, rad * head_r)), _rgb_to_bgr(rgb))
+            canvas.draw(owner_id, _circle(joints[k], 0.3 * head_r), (245, 245, 245))
+            canvas.draw(owner_id, _circle(joints[k], 0.16 * head_r), _rgb_to_bgr(EYE_RGB))
+    if face_vis[0]:
+        canvas.draw(owner_id, _circle(joints[0], 0.22 * head_r), _rgb_to_bgr(_NOSE_RGB))
     limbs(_ARMS)  # arms in front of the torso and head
     for k in (9, 10):  # hands, likewise
-        canvas.draw(owner_id, _circle(joints[k], 0.028 * height), skin, mask)
+        canvas.draw(owner_id, _circle(joints[k], 0.04 * height), skin, mask)
     return mask
 
 
