@@ -26,7 +26,7 @@ from petr.data.datasets.toy import (
     register_toy_datasets,
     register_toy_split,
 )
-from petr.data.datasets.toy_render import LIMBS
+from petr.data.datasets.toy_render import LIMBS, sample_pose
 from petr.data.metadata import COCO_OKS_SIGMAS
 
 SPEC = ToySpec(split="val", num_images=40)
@@ -102,6 +102,26 @@ def test_split_has_variety(split):
     assert (v == 0).any() and (v == 1).any() and (v == 2).mean() > 0.5
     heights = [a["bbox"][3] for a in coco["annotations"]]
     assert max(heights) > 2 * min(heights)  # people are drawn 110 px to 0.95 x the image side
+
+
+def test_joint_angles_follow_loose_human_statistics():
+    """Elbows and knees bend within human-like limits, mostly near straight; arms mostly hang,
+    some rise above the shoulder (a uniform spread of angles was much harder to learn)."""
+    rng = np.random.default_rng(0)
+    poses = [sample_pose(rng, 100.0, (0.0, 0.0), 0.0) for _ in range(1000)]
+
+    def bends(a, b, c):
+        u = np.stack([p.joints[b] - p.joints[a] for p in poses])
+        w = np.stack([p.joints[c] - p.joints[b] for p in poses])
+        cos = (u * w).sum(1) / np.linalg.norm(u, axis=1) / np.linalg.norm(w, axis=1)
+        return np.arccos(np.clip(cos, -1.0, 1.0))
+
+    elbows = np.concatenate([bends(5, 7, 9), bends(6, 8, 10)])
+    knees = np.concatenate([bends(11, 13, 15), bends(12, 14, 16)])
+    assert elbows.max() <= 1.8 + 1e-6 and np.median(elbows) < 0.8
+    assert knees.max() <= 1.2 + 1e-6 and np.median(knees) < 0.5
+    raised = np.mean([p.joints[e, 1] < p.joints[s, 1] for p in poses for s, e in ((5, 7), (6, 8))])
+    assert 0.1 < raised < 0.4  # y grows downwards: elbow above its shoulder
 
 
 def test_people_face_the_camera_and_flip_map_swaps_sides(split):
