@@ -56,4 +56,6 @@ def build_petr_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer_cls = _full_model_clipping(optimizer_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
     elif clip.ENABLED:
         optimizer_cls = maybe_add_gradient_clipping(cfg, optimizer_cls)
-    return optimizer_cls(params, lr=s.BASE_LR, **kwargs)
+    # foreach: one multi-tensor update instead of a Python loop over ~400 tensors. PyTorch picks
+    # it by itself only for CUDA; on CPU it makes the toy's AdamW step ~25% faster.
+    return optimizer_cls(params, lr=s.BASE_LR, foreach=True, **kwargs)
