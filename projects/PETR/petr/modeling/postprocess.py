@@ -6,6 +6,8 @@ from typing import Tuple
 import torch
 from detectron2.structures import Boxes, Instances
 
+from .losses import keypoint_oks
+
 
 def poses_to_instances(
     keypoints: torch.Tensor,
@@ -42,11 +44,11 @@ def pose_oks(
 ) -> torch.Tensor:
     """COCO OKS between anchors (A, K, >=2) and poses (P, K, >=2), pixels, every joint counted.
     sigmas (K,); areas (A,) the scale s^2 of each anchor. Returns (A, P) in [0, 1]."""
-    d2 = ((anchors[:, None, :, :2] - poses[None, :, :, :2]) ** 2).sum(-1)  # (A, P, K)
-    kappa2 = (2 * sigmas) ** 2
-    eps = torch.finfo(d2.dtype).eps  # pycocotools' np.spacing(1): a zero area gives OKS 0 or 1
-    e = d2 / kappa2 / (areas[:, None, None] + eps) / 2
-    return torch.exp(-e).mean(-1)
+    every_joint = torch.ones(anchors.shape[1], dtype=torch.bool, device=anchors.device)
+    eps = torch.finfo(anchors.dtype).eps  # pycocotools' np.spacing(1): zero area -> OKS 0 or 1
+    return keypoint_oks(
+        anchors[:, None, :, :2], poses[None, :, :, :2], every_joint, areas[:, None] + eps, sigmas
+    )
 
 
 def oks_nms(keypoints: torch.Tensor, scores: torch.Tensor, sigmas: torch.Tensor, threshold: float):
