@@ -22,6 +22,12 @@ def test_pose_oks_matches_the_coco_formula():
     expected = math.exp(-(5.0**2) / (2 * 100.0 * (2 * sigma) ** 2))
     got = pose_oks(a, b, torch.tensor([sigma, sigma]), torch.tensor([100.0]))
     assert got.item() == pytest.approx(expected, rel=1e-6)
+    # one joint 2 px off: e = d^2 / (2 sigma)^2 / area / 2 = 4 / 0.04 / 100 / 2 = 0.5, averaged
+    # with the exact joint
+    one_off = _square_pose(0, 0).clone()[None]
+    one_off[0, 0, 0] += 2.0
+    got = pose_oks(a, one_off, torch.tensor([sigma, sigma]), torch.tensor([100.0]))
+    assert got.item() == pytest.approx((math.exp(-0.5) + 1.0) / 2, rel=1e-6)
 
 
 def test_oks_nms_drops_duplicates_and_keeps_other_people():

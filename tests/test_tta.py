@@ -1,7 +1,5 @@
 """Test-time augmentation: flip mapping, soft-NMS, OKS merge and PETRWithTTA end to end (CPU)."""
 
-import math
-
 import cv2
 import numpy as np
 import pytest
@@ -18,7 +16,6 @@ from petr.modeling.test_time_augmentation import (
     flip_indices_from_metadata,
     hflip_poses,
     merge_by_oks,
-    pose_oks,
     soft_nms_linear,
 )
 
@@ -93,14 +90,6 @@ def test_soft_nms_empty_and_degenerate_boxes():
     # zero-area boxes (all joints on one point) have IoU 0 with each other: no decay, no NaN
     keep, kept = soft_nms_linear(torch.full((2, 4), 5.0), torch.tensor([0.5, 0.4]))
     assert keep.tolist() == [0, 1] and kept.tolist() == pytest.approx([0.5, 0.4])
-
-
-def test_pose_oks_hand_value():
-    anchors = torch.tensor([[[0.0, 0.0], [10.0, 10.0]]])
-    poses = torch.tensor([[[2.0, 0.0], [10.0, 10.0]]])  # joint 0 off by 2 px
-    oks = pose_oks(anchors, poses, torch.tensor([0.1, 0.1]), torch.tensor([100.0]))
-    # e = d^2 / (2 sigma)^2 / area / 2 = 4 / 0.04 / 100 / 2 = 0.5
-    assert oks.item() == pytest.approx((math.exp(-0.5) + 1.0) / 2, rel=1e-6)
 
 
 def _people(n, K=17, seed=0):
