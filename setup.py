@@ -1,35 +1,115 @@
 """Installs the `petr` package from projects/PETR and builds its compiled op `petr._C`.
 
-The C++ (CPU) kernel is always built. The CUDA kernel is added when a CUDA toolkit matching
-torch is found and either a GPU is visible or FORCE_CUDA=1 is set (the usual Detectron2 rule).
+The C++ (CPU) kernel is always built. The CUDA kernel is added, through torch's CUDAExtension,
+when a CUDA toolkit is found and either a GPU is visible or FORCE_CUDA=1 is set (the usual
+Detectron2 rule). A toolkit whose CUDA major version differs from torch's cannot build against
+torch's headers, so then the CPU kernel alone is built, with one warning naming both versions.
+The C++ standard is left to torch's BuildExtension (C++17 up to torch 2.5, C++20 on current torch,
+whose headers refuse anything older).
+
 Build with `pip install --no-build-isolation -e .` so the extension compiles against the torch
 already installed in the environment.
 """
 
 import glob
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import warnings
 
+import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 PROJECT_ROOT = os.path.join("projects", "PETR")
 CSRC = os.path.join(PROJECT_ROOT, "petr", "layers", "csrc")
 
 
-def _want_cuda() -> bool:
-    import torch
+def _nvcc_toolkit():
+    """(toolkit folder, "major.minor") of the nvcc that would build, or (None, None).
 
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
-    return torch.cuda.is_available() and CUDA_HOME is not None
+    `CUDA_HOME` wins; otherwise the `nvcc` on PATH is asked where its toolkit lives (it may be a
+    wrapper script, so the folder above it is not necessarily the toolkit, which torch assumes).
+    """
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = os.path.join(home, "bin", "nvcc") if home else "nvcc"
+    try:
+        version = subprocess.run(
+            [nvcc, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        if home is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                empty = os.path.join(tmp, "empty.cu")
+                open(empty, "w").close()
+                dryrun = subprocess.run(
+                    [nvcc, "--dryrun", "-c", empty, "-o", os.path.join(tmp, "empty.o")],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stderr
+            top = re.search(r"^#\$ TOP=(.+)$", dryrun, re.MULTILINE)
+            home = os.path.realpath(top.group(1).strip()) if top else None
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    release = re.search(r"release (\d+\.\d+)", version)
+    return home, (release.group(1) if release else None)
+
+
+def _wheel_cuda_include_dirs(toolkit):
+    """Folders of the venv's nvidia-* wheels holding the cuSPARSE/cuBLAS headers torch's CUDA
+    headers include, when the toolkit itself lacks them (a bare nvcc install does)."""
+    if os.path.exists(os.path.join(toolkit, "include", "cusparse.h")):
+        return []
+    found = []
+    for site in sys.path:
+        # CUDA 13 wheels: nvidia/cu13/include; CUDA 12 wheels: nvidia/<library>/include.
+        for header in glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")):
+            found.append(os.path.dirname(header))
+    return found[:1]
+
+
+def _cuda_build_plan():
+    """Whether to build the CUDA kernel; sets CUDA_HOME / CPATH for torch's BuildExtension."""
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    if not (forced or torch.cuda.is_available()):
+        return False
+    toolkit, nvcc_version = _nvcc_toolkit()
+    if toolkit is None or nvcc_version is None:
+        if forced:
+            warnings.warn("FORCE_CUDA=1 but no nvcc was found: building the CPU kernel only")
+        return False
+    if torch.version.cuda is None:
+        warnings.warn(
+            f"CUDA toolkit {nvcc_version} found, but torch {torch.__version__} is a CPU build: "
+            "building the CPU kernel only"
+        )
+        return False
+    if nvcc_version.split(".")[0] != torch.version.cuda.split(".")[0]:
+        warnings.warn(
+            f"CUDA toolkit {nvcc_version} ({toolkit}) and torch's CUDA {torch.version.cuda} differ "
+            "in major version, which torch's BuildExtension cannot build against: building the "
+            f"CPU kernel only. Point CUDA_HOME at a CUDA {torch.version.cuda.split('.')[0]}.x "
+            "toolkit for the CUDA kernel."
+        )
+        return False
+    os.environ.setdefault("CUDA_HOME", toolkit)
+    extra = _wheel_cuda_include_dirs(os.environ["CUDA_HOME"])
+    if extra:
+        cpath = [p for p in os.environ.get("CPATH", "").split(os.pathsep) if p]
+        os.environ["CPATH"] = os.pathsep.join(cpath + [d for d in extra if d not in cpath])
+    return True
 
 
 def get_extensions():
+    with_cuda = _cuda_build_plan()
+    # Imported after _cuda_build_plan: the module reads CUDA_HOME once, at import.
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     define_macros = []
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    extra_compile_args = {"cxx": ["-O3"]}
     extra_link_args = []
     if sys.platform.startswith("linux"):
         # at::parallel_for only runs in parallel in code compiled with OpenMP, like torch itself.
@@ -37,13 +117,12 @@ def get_extensions():
         extra_link_args.append("-fopenmp")
     extension = CppExtension
     sources = cpp_sources
-    if _want_cuda() and cuda_sources:
+    if with_cuda and cuda_sources:
         extension = CUDAExtension
         sources = cpp_sources + cuda_sources
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = [
             "-O3",
-            "-std=c++17",
             "--expt-relaxed-constexpr",
             "-D__CUDA_NO_HALF_OPERATORS__",
             "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -62,6 +141,9 @@ def get_extensions():
     ]
 
 
+ext_modules = get_extensions()
+from torch.utils.cpp_extension import BuildExtension  # noqa: E402  (after CUDA_HOME is set)
+
 setup(
     name="petr",
     version="0.1.0",
@@ -76,10 +158,10 @@ setup(
         "scipy>=1.10",
         "pycocotools>=2.0.7",
         "xtcocotools>=1.14",
-        "opencv-python-headless>=4.8,<4.11",
+        "opencv-python-headless>=4.8,<5",
         "tqdm",
     ],
-    ext_modules=get_extensions(),
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )
