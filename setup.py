@@ -17,13 +17,17 @@ import re
 import subprocess
 import sys
 import tempfile
-import warnings
 
 import torch
 from setuptools import find_packages, setup
 
 PROJECT_ROOT = os.path.join("projects", "PETR")
 CSRC = os.path.join(PROJECT_ROOT, "petr", "layers", "csrc")
+
+
+def _warn(message):
+    # One line on stderr: shown by `python setup.py ...` and `pip install -v`.
+    print(f"WARNING: petr setup.py: {message}", file=sys.stderr)
 
 
 def _nvcc_toolkit():
@@ -77,16 +81,16 @@ def _cuda_build_plan():
     toolkit, nvcc_version = _nvcc_toolkit()
     if toolkit is None or nvcc_version is None:
         if forced:
-            warnings.warn("FORCE_CUDA=1 but no nvcc was found: building the CPU kernel only")
+            _warn("FORCE_CUDA=1 but no nvcc was found: building the CPU kernel only")
         return False
     if torch.version.cuda is None:
-        warnings.warn(
+        _warn(
             f"CUDA toolkit {nvcc_version} found, but torch {torch.__version__} is a CPU build: "
             "building the CPU kernel only"
         )
         return False
     if nvcc_version.split(".")[0] != torch.version.cuda.split(".")[0]:
-        warnings.warn(
+        _warn(
             f"CUDA toolkit {nvcc_version} ({toolkit}) and torch's CUDA {torch.version.cuda} differ "
             "in major version, which torch's BuildExtension cannot build against: building the "
             f"CPU kernel only. Point CUDA_HOME at a CUDA {torch.version.cuda.split('.')[0]}.x "

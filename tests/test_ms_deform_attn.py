@@ -7,9 +7,6 @@ exceeds 1) measure the backend's own error.
 
 import importlib
 import os
-import shutil
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -320,17 +317,6 @@ def test_gradcheck_cuda_kernel():
     assert torch.autograd.gradcheck(fn, args, nondet_tol=1e-12)
 
 
-@pytest.mark.slow
-def test_cuda_sources_compile():
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc is not on PATH, so the CUDA sources cannot be compile-checked")
-    if torch.version.cuda is None:
-        pytest.skip("this torch build has no CUDA libraries to link a CUDA petr._C against")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "check_cuda_compile.py")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
 # Runs the real CUDA kernels (ms_deform_attn_cuda_kernels.cuh) on the CPU: one thread per lane,
 # a grid of 2 blocks x 8 warps, so rows > warps exercises the grid-stride loop. The output
 # starts as NaN, so a row the kernel forgets to write fails the comparison.
@@ -390,7 +376,7 @@ def emulated_cuda(tmp_path_factory):
         "msda_cuda_emulation",
         cpp_sources=[EMULATION_HARNESS],
         functions=["forward", "backward"],
-        extra_cflags=["-O1", "-std=c++17"],
+        extra_cflags=["-O1"],  # the C++ standard is torch's choice
         extra_include_paths=[CSRC],
         build_directory=str(tmp_path_factory.mktemp("msda_cuda_emulation")),
     )
