@@ -34,7 +34,9 @@ ARCH = dict(
 SIZES = [(56, 56), (61, 83), (29, 45), (33, 17)]
 
 
-def seeded_state_dict(template: Mapping[str, torch.Tensor], seed: int = 0) -> Dict[str, torch.Tensor]:
+def seeded_state_dict(
+    template: Mapping[str, torch.Tensor], seed: int = 0
+) -> Dict[str, torch.Tensor]:
     """Uniform weights drawn in sorted-name order, scaled so that every term matters.
 
     LayerNorm weights 1 +- 0.5, other vectors +-0.2, bias tables +-1, matrices with variance
