@@ -12,6 +12,8 @@ masked in window attention; each returned stage has its own output LayerNorm. Th
   dependency), its rate growing linearly over all blocks of the full network;
 - construction under `torch.device("meta")`, which Detectron2's constructor alone does not allow;
 - `size_divisibility` 0 (Detectron2 says 32, but pads internally) and a shape check on the input.
+`USE_CHECKPOINT` is Detectron2's activation checkpointing (the reentrant variant, per block; torch
+2.4+ warns once that `use_reentrant` is not passed).
 
 Parameter names are Detectron2's, which are the official Microsoft release's (so its ImageNet
 weights load after dropping the classifier, see checkpoint/swin_keys.py): `patch_embed.{proj,norm}`,
