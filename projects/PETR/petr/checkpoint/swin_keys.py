@@ -1,4 +1,5 @@
-"""Swin state-dict conversion into `PETRSwinTransformer` names (see modeling/backbone/swin.py).
+"""Swin state-dict conversion into `PETRSwinTransformer` names (modeling/backbone/swin.py): those of
+Detectron2's `SwinTransformer`, which are the official Microsoft release's.
 
 Two sources:
 * the backbone of an official PETR Swin checkpoint (hikvision-research/opera, mmdet naming, keys
