@@ -172,8 +172,9 @@ class PETRWithTTA(nn.Module):
     Views: for each short side in `min_sizes` (long side <= max_size, mmcv rounding, cv2
     bilinear) the resized image and, with `flip`, its mirror. Each view is one normal PETR
     inference (batch 1); the resize is shared by a scale's two views. Poses come back in
-    original-image pixels, flipped ones are un-flipped (x' = W - x, joint ids swapped), then the
-    views are merged ("soft_nms" or "oks_average", see the module docstring). The reference view
+    original-image pixels, flipped ones are un-flipped (x' = W - x in the network's frame, i.e.
+    before OUTPUT_PIXEL_OFFSET; joint ids swapped), then the views are merged ("soft_nms" or
+    "oks_average", see the module docstring). The reference view
     of "oks_average" is the unflipped view at min_sizes[0].
 
     Inputs: Detectron2 dicts with "image" (C, H, W) in the model's input format, or only
