@@ -22,8 +22,11 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.data import build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm

@@ -9,7 +9,6 @@ import torch
 TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
-
 class _Placeholder:
     """Stands in for a class a checkpoint pickles but that must not be imported from it (e.g. an
     mmcv ConfigDict in an official checkpoint's `meta`). It accepts any arguments, items and
@@ -92,5 +91,8 @@ def torch_load(path, map_location="cpu", placeholders: bool = False):
     # weights_only=False only to hand torch a pickle module; that module resolves nothing beyond
     # torch's own weights-only allow-list, so no code from the file can run either.
     return torch.load(
-        path, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle_module()
+        path,
+        map_location=map_location,
+        weights_only=False,
+        pickle_module=_restricted_pickle_module(),
     )
