@@ -4,6 +4,7 @@ runs no code from the file on every torch, and clear errors for files that canno
 import logging
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -151,3 +152,27 @@ def test_our_training_checkpoints_load_and_foreign_code_never_runs(tmp_path):
     assert not marker.exists()
     loaded = torch_load(str(evil), placeholders=True)
     assert type(loaded["payload"]).__name__ == "open" and not marker.exists()
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_classes_that_are_not_installed_become_placeholders(tmp_path, zipfile):
+    # Official checkpoints may pickle mmcv objects in `meta`, in either file format.
+    fake = type(sys)("mmcv_not_installed_here")
+
+    class Hooks:
+        pass
+
+    Hooks.__module__, Hooks.__qualname__ = fake.__name__, "Hooks"
+    fake.Hooks = Hooks
+    sys.modules[fake.__name__] = fake
+    hooks = Hooks()
+    hooks.last_ckpt = "epoch_100.pth"
+    path = tmp_path / "meta.pth"
+    try:
+        torch.save({"state_dict": {"x": torch.ones(2)}, "meta": {"hooks": hooks, "epoch": 100}},
+                   path, _use_new_zipfile_serialization=zipfile)  # fmt: skip
+    finally:
+        del sys.modules[fake.__name__]
+    loaded = torch_load(str(path), placeholders=True)
+    assert torch.equal(loaded["state_dict"]["x"], torch.ones(2)) and loaded["meta"]["epoch"] == 100
+    assert repr(loaded["meta"]["hooks"]) == "<placeholder mmcv_not_installed_here.Hooks>"

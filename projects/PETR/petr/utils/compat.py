@@ -82,11 +82,11 @@ def torch_load(path, map_location="cpu", placeholders: bool = False):
         if not placeholders:
             raise
     if hasattr(ser, "get_unsafe_globals_in_checkpoint"):
-        unknown = ser.get_unsafe_globals_in_checkpoint(path)
         try:
+            unknown = ser.get_unsafe_globals_in_checkpoint(path)
             with ser.safe_globals([_placeholder(n) for n in unknown]):
                 return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError:
+        except (pickle.UnpicklingError, ValueError):  # ValueError: a pre-zip (legacy) file
             pass
     # weights_only=False only to hand torch a pickle module; that module resolves nothing beyond
     # torch's own weights-only allow-list, so no code from the file can run either.
