@@ -1,7 +1,9 @@
 """Convert official PETR checkpoints (hikvision-research/opera, mmdet 2.x) to this project's model.
 
 Input: a file written by mmcv `save_checkpoint` (`{"state_dict", "meta", "optimizer"}`), or
-`{"model": sd}`, or a raw state dict; a `module.` prefix (DataParallel) is stripped. The
+`{"model": sd}`, or a raw state dict; a `module.` prefix (DataParallel) is stripped. Files are
+read without running code from them (`petr.utils.compat.torch_load`: mmcv objects in `meta`
+become inert placeholders), so an untrusted checkpoint is safe to convert. The
 architecture is read off the tensors (`opera_layout.infer_layout`), every official tensor is
 renamed by the rule table of `opera_rules` (the Swin backbone by `swin_keys`), checked against the
 shape the layout implies, and every tensor of our model must be produced exactly once. BN
