@@ -207,7 +207,7 @@ def test_real_official_checkpoint_loads_through_detectron2(tiny_converted):
     src_path, dst, report = tiny_converted
     assert report.num_source == 549
     assert len(report.dropped) == 53 and sum(report.groups.values()) == 496
-    saved = torch.load(dst, map_location="cpu")
+    saved = torch.load(dst, map_location="cpu", weights_only=True)
     assert saved["__author__"] == AUTHOR and saved["matching_heuristics"] is False
 
     # The overrides the converter prints must build the matching model from the base config.
@@ -234,7 +234,7 @@ def test_real_official_checkpoint_loads_through_detectron2(tiny_converted):
 
     # End to end: the converted weights reproduce the official outputs on the fixture's image
     # (README: faithful to ~1e-5 in score, ~1e-3 px; looser than 0.01 px is a real difference).
-    io = torch.load(os.path.join(os.path.dirname(src_path), "opera_tiny_io.pt"))
+    io = torch.load(os.path.join(os.path.dirname(src_path), "opera_tiny_io.pt"), weights_only=True)
     model.eval()
     with torch.no_grad():
         inst = model([{"image": io["image_rgb"].permute(2, 0, 1)}])[0]["instances"]
@@ -268,7 +268,7 @@ def test_reconversion_is_refused(tiny_converted, tmp_path):
     with pytest.raises(OperaCheckpointError, match=r"tiny_d2\.pth: already converted"):
         convert_opera_checkpoint(dst, str(tmp_path / "x.pth"))
     raw = tmp_path / "raw.pth"  # our names without the author tag
-    torch.save(torch.load(dst)["model"], raw)
+    torch.save(torch.load(dst, weights_only=True)["model"], raw)
     with pytest.raises(OperaCheckpointError, match="already in this project's layout"):
         convert_opera_checkpoint(str(raw), str(tmp_path / "y.pth"))
 

@@ -13,7 +13,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
 from petr.config import add_petr_config
-from petr.data.dataset_mapper import PETRDatasetMapper
+from petr.data.bad_images import BAD_IMAGES_KEY, UNREADABLE_KEY
+from petr.data.dataset_mapper import MAX_CONSECUTIVE_BAD_READS, PETRDatasetMapper
 from petr.data.transforms import AffineWarpTransform, CV2ResizeTransform
 
 DATASET = "petr_test_mapper_k5"
@@ -158,12 +159,28 @@ def test_crop_keeps_shifts_drops_and_resamples_like_the_official_code(tmp_path):
     assert _mapper(_Fixed(T.CropTransform(40, 25, 50, 30)))(record) is None
 
 
-def test_unreadable_image_names_the_file(tmp_path):
+def test_unreadable_image_is_reported_on_the_next_sample(tmp_path):
     bad = tmp_path / "corrupt_frame.jpg"
     bad.write_bytes(b"this is not a jpeg")
     record = dict(file_name=str(bad), height=H, width=W, image_id=3, annotations=[])
-    with pytest.raises(OSError, match="corrupt_frame.jpg"):
-        _mapper()(record)
+    mapper = _mapper()
+    assert mapper(record) is None  # Detectron2's MapDataset then draws another image
+    good = mapper(_record(tmp_path, []))
+    ((path, reason),) = good[BAD_IMAGES_KEY]
+    assert path == str(bad) and "UnidentifiedImageError" in reason
+    assert BAD_IMAGES_KEY not in mapper(_record(tmp_path, []))  # reported once
+    # Inference: the dict comes back without an image, with the reason.
+    out = _mapper(is_train=False)(record)
+    assert "image" not in out and "cannot identify image file" in out[UNREADABLE_KEY]
+
+
+def test_a_wrong_image_root_stops_instead_of_redrawing_forever(tmp_path):
+    mapper = _mapper()
+    missing = dict(height=H, width=W, image_id=3, annotations=[])
+    for i in range(MAX_CONSECUTIVE_BAD_READS - 1):
+        assert mapper({**missing, "file_name": str(tmp_path / f"{i}.jpg")}) is None
+    with pytest.raises(OSError, match=r"last 50 image reads all failed; first: .*0\.jpg"):
+        mapper({**missing, "file_name": str(tmp_path / "last.jpg")})
 
 
 def test_keypoint_count_mismatch_names_the_annotation(tmp_path):

@@ -113,6 +113,27 @@ def test_video_keeps_every_frame(tmp_path, config_file):
     assert demo_script.main(argv[:3] + [str(tmp_path / "missing.mp4")]) == 1
 
 
+def test_no_image_under_input_is_an_error_naming_it(tmp_path, config_file, warnings_of_demo):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    argv = ["--config-file", config_file, "--output", str(tmp_path / "out")]
+    assert demo_script.main(argv + ["--input", str(empty), str(tmp_path / "*.png")]) == 1
+    assert f"No image found under --input {empty} {tmp_path / '*.png'}" in warnings_of_demo
+
+
+def test_video_writer_that_cannot_open_is_an_error(tmp_path, config_file, warnings_of_demo):
+    path = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer.release()
+    target = tmp_path / "no_such_folder" / "out.mp4"
+    argv = ["--config-file", config_file, "--video-input", path, "--output", str(target)]
+    assert demo_script.main(argv) == 1
+    assert any(f"Cannot open the video writer for {str(target)!r}" in m for m in warnings_of_demo)
+    assert not target.exists()
+
+
 def _pose14(score):
     """One 14-joint pose: head (80.5, 20.5) - neck (80.5, 50.5) and left hip (40.5, 60.5) -
     left knee (40.5, 100.5) are connected by the rules; the others sit in the bottom right."""

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 import torchvision
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from petr_testing import REPO_ROOT, load_cfg
 
+from petr.checkpoint.checkpointer import PETRCheckpointer
 from petr.checkpoint.torchvision_resnet import convert_torchvision_resnet
 
 
@@ -33,9 +33,9 @@ def test_converted_torchvision_resnet50_gives_the_same_features(tmp_path):
     cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = ()
     cfg.MODEL.WEIGHTS = str(dst)
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    PETRCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     backbone_keys = {k for k in model.state_dict() if k.startswith("backbone.")}
-    assert set(torch.load(dst)["model"]) == backbone_keys
+    assert set(torch.load(dst, weights_only=True)["model"]) == backbone_keys
 
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():

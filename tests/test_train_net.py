@@ -78,7 +78,7 @@ def test_two_process_cpu_training(tmp_path, toy_env):
     log = (out / "log.txt").read_text()
     assert "Rank of current process: 0. World size: 2" in log
     assert "Overall training speed: 1 iterations" in log or "iter: 2" in log
-    final = torch.load(out / "model_final.pth", map_location="cpu")
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == 2
 
 
@@ -100,7 +100,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_env):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    saved = torch.load(ckpt, map_location="cpu")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
 
     # the state `--resume` restores, inspected in-process
     cfg = load_cfg("petr_toy.yaml")
@@ -113,7 +113,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_env):
     last = _tagged_iteration(out)
     assert last < 19, "the run finished before it was killed"
     assert trainer.start_iter == last + 1 >= saved["iteration"] + 1
-    restored = torch.load(out / f"model_{last:07d}.pth", map_location="cpu")
+    restored = torch.load(out / f"model_{last:07d}.pth", map_location="cpu", weights_only=True)
     # Detectron2 keeps the scheduler in its LRScheduler hook, the optimizer in the step runner
     assert trainer.iter == restored["iteration"] == last
     assert trainer.scheduler.state_dict() == restored["trainer"]["hooks"]["LRScheduler"]
@@ -135,7 +135,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert f"Starting training from iteration {last + 1}" in log
-    assert torch.load(out / "model_final.pth", map_location="cpu")["iteration"] == 19
+    assert (
+        torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"]
+        == 19
+    )
 
 
 def _tagged_iteration(output_dir):

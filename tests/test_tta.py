@@ -252,3 +252,32 @@ def test_symmetric_image_flip_views_agree(tiny_petr):
     kpts = out.pred_keypoints[..., :2]
     dist = (kpts[:, None] - candidates[None]).abs().amax((-1, -2))  # (M, 2N)
     assert (dist.amin(1) < 1e-3).all()
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_flip_view_of_a_mirrored_image_agrees_with_the_plain_view(tiny_petr, offset):
+    """The flip view of mirror(I) feeds the network the pixels of I, so once mapped back it
+    must be the official mirror (x' = W - x in the network's frame, i.e. before
+    OUTPUT_PIXEL_OFFSET) of the plain view of I, and in the network's frame it must not depend
+    on the offset."""
+    cfg, model = tiny_petr
+    cfg = cfg.clone()
+    cfg.TEST.AUG.MIN_SIZES = (64,)  # the image's own size: no resampling
+    image = torch.randint(0, 256, (3, 64, 80), generator=torch.Generator().manual_seed(3),
+                          dtype=torch.uint8)  # fmt: skip
+    mirrored = image.flip(-1)
+    tta = PETRWithTTA(cfg, model).eval()
+
+    def network_frame(o):
+        model.output_pixel_offset = o
+        try:
+            with torch.no_grad():
+                (plain, _), _ = tta.view_poses({"image": image})[0]
+                _, (flip_view, _) = tta.view_poses({"image": mirrored})[0]
+        finally:
+            model.output_pixel_offset = 0.0
+        return plain - o, flip_view - o
+
+    plain, flip_view = network_frame(offset)
+    torch.testing.assert_close(flip_view, hflip_poses(plain, 80, COCO_FLIP), rtol=0, atol=1e-4)
+    torch.testing.assert_close(flip_view, network_frame(0.0)[1], rtol=0, atol=1e-4)

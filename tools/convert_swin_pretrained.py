@@ -12,13 +12,13 @@ checkpoint, so Detectron2 reports them (and the rest of PETR) as missing, which 
 
 import argparse
 import collections
-import pickle
 import re
 import sys
 
 import torch
 
 from petr.checkpoint.swin_keys import convert_microsoft_swin, swin_arch_from_state_dict
+from petr.utils.compat import torch_load
 
 
 def _summarise(keys):
@@ -31,19 +31,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="official Swin checkpoint (.pth, {'model': state_dict})")
     parser.add_argument("dst", help="output .pth for MODEL.WEIGHTS")
-    parser.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="unpickle arbitrary objects (only for a trusted SRC that holds more than tensors)",
-    )
     args = parser.parse_args(argv)
 
     try:
-        ckpt = torch.load(args.src, map_location="cpu", weights_only=not args.unsafe_load)
-    except pickle.UnpicklingError as e:
-        sys.exit(
-            f"{args.src}: holds objects other than tensors ({e}); pass --unsafe-load if trusted"
-        )
+        # Runs no code from the file; objects other than tensors and plain data (none in the
+        # official release) load as inert placeholders.
+        ckpt = torch_load(args.src, placeholders=True)
+    except Exception as e:  # torch raises several types for a bad file
+        sys.exit(f"{args.src}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict):
         sys.exit(f"{args.src}: expected a dict checkpoint, got {type(ckpt).__name__}")
     try:

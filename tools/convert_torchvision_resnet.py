@@ -14,6 +14,7 @@ import sys
 import torch
 
 from petr.checkpoint.torchvision_resnet import convert_torchvision_resnet
+from petr.utils.compat import torch_load
 
 
 def main(argv=None):
@@ -22,7 +23,7 @@ def main(argv=None):
     parser.add_argument("dst", help="output .pth for MODEL.WEIGHTS")
     args = parser.parse_args(argv)
     try:
-        sd = torch.load(args.src, map_location="cpu", weights_only=True)
+        sd = torch_load(args.src, placeholders=True)  # runs no code from the file
     except Exception as e:  # torch raises several types for a bad file
         print(f"error: cannot read {args.src}: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@
     python tools/demo.py --config-file configs/petr_R50.yaml --video-input v.mp4 --output out/
     python tools/demo.py --config-file configs/petr_R50.yaml --webcam --opts MODEL.WEIGHTS m.pth
 Without --output, results are shown in a window (needs an OpenCV build with GUI support).
-Unreadable image files are reported and skipped; the exit code is 1 only if nothing was drawn.
+Unreadable image files are reported and skipped; the exit code is 1 if nothing was drawn, if
+--input finds no image, or if the video writer for --output cannot be opened.
 """
 
 import argparse
@@ -59,14 +60,17 @@ def get_parser():
 
 def collect_inputs(patterns):
     """Expand files, globs and folders (their image files, sorted) into a list of paths. A
-    pattern that matches nothing is reported and skipped."""
+    pattern that matches nothing (or a folder without images) is reported and skipped."""
     paths = []
     for pattern in patterns:
         if os.path.isdir(pattern):
             names = sorted(os.listdir(pattern))
-            paths += [
+            found = [
                 os.path.join(pattern, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
             ]
+            if not found:
+                logger.warning(f"No image ({', '.join(IMAGE_EXTENSIONS)}) in folder {pattern!r}")
+            paths += found
         elif os.path.exists(pattern):
             paths.append(pattern)
         else:
@@ -110,8 +114,13 @@ def run_on_images(demo, paths, output):
     return done
 
 
+class DemoError(RuntimeError):
+    """The demo cannot do what it was asked; main() logs it and exits with status 1."""
+
+
 def run_on_video(demo, video_path, output):
-    """Returns the number of frames drawn (0 if the video cannot be opened)."""
+    """Returns the number of frames drawn (0 if the video cannot be opened). Raises DemoError
+    when the output writer cannot be opened."""
     video = cv2.VideoCapture(video_path)
     if not video.isOpened():
         logger.error(f"Cannot open video {video_path}")
@@ -129,6 +138,12 @@ def run_on_video(demo, video_path, output):
             name = os.path.splitext(os.path.basename(video_path))[0] + ".mp4"
             output = os.path.join(output, name)
         writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        if not writer.isOpened():
+            video.release()
+            raise DemoError(
+                f"Cannot open the video writer for {output!r} (mp4v, {width}x{height}): does "
+                "its folder exist and is it writable?"
+            )
     done = 0
     try:
         for frame in tqdm.tqdm(demo.run_on_video(video), total=num_frames, desc="frames"):
@@ -175,16 +190,25 @@ def main(argv=None) -> int:
     if sum(sources) != 1:
         logger.error("Give exactly one of --input, --video-input, --webcam")
         return 2
+    paths = collect_inputs(args.input) if args.input else []
+    if args.input and not paths:
+        logger.error(f"No image found under --input {' '.join(args.input)}")
+        return 1
     cfg = setup_cfg(args)
-    demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
-    if args.input:
-        paths = collect_inputs(args.input)
-        done = run_on_images(demo, paths, args.output)
-        logger.info(f"Drew {done} of {len(paths)} images")
-    elif args.video_input:
-        done = run_on_video(demo, args.video_input, args.output)
-    else:
-        done = run_on_webcam(demo)
+    demo = VisualizationDemo(
+        cfg, confidence_threshold=args.confidence_threshold, config_file=args.config_file
+    )
+    try:
+        if args.input:
+            done = run_on_images(demo, paths, args.output)
+            logger.info(f"Drew {done} of {len(paths)} images")
+        elif args.video_input:
+            done = run_on_video(demo, args.video_input, args.output)
+        else:
+            done = run_on_webcam(demo)
+    except DemoError as e:
+        logger.error(str(e))
+        return 1
     return 0 if done else 1
 
 

@@ -14,10 +14,10 @@ import argparse
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from petr import get_petr_cfg
+from petr.checkpoint.checkpointer import PETRCheckpointer
 from petr.export.onnx_wrapper import (
     MIN_OPSET,
     compare_predictions,
@@ -103,7 +103,9 @@ def main(argv=None) -> int:
     cfg = setup_cfg(args)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        PETRCheckpointer.from_config(cfg, model, config_file=args.config_file).load(
+            cfg.MODEL.WEIGHTS
+        )
     else:
         print("MODEL.WEIGHTS is empty: exporting randomly initialised weights", file=sys.stderr)
     try:

@@ -4,18 +4,20 @@
     python tools/train_net.py --config-file configs/petr_R50.yaml --num-gpus 8
     python tools/train_net.py --config-file configs/petr_R50.yaml --eval-only MODEL.WEIGHTS m.pth
     python tools/train_net.py --config-file configs/petr_toy.yaml --resume
+MODEL.WEIGHTS may also be a raw official checkpoint (hikvision-research/opera): it is converted in
+memory (see petr.checkpoint.checkpointer).
 Runs on CPU machines too (MODEL.DEVICE cpu; --num-gpus N then starts N gloo processes).
 """
 
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from petr import get_petr_cfg
+from petr.checkpoint.checkpointer import PETRCheckpointer
 from petr.engine import PETRTrainer
 
 
@@ -32,9 +34,10 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = PETRTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        checkpointer = PETRCheckpointer.from_config(
+            cfg, model, cfg.OUTPUT_DIR, config_file=args.config_file
         )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = PETRTrainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(PETRTrainer.test_with_TTA(cfg, model))

@@ -15,17 +15,34 @@ def add_petr_config(cfg):
 
 def get_petr_cfg(config_file=None, opts=()):
     """Detectron2's defaults + PETR's keys, then `config_file` and `opts` (KEY VALUE list).
-    MODEL.DEVICE falls back to CPU when it asks for CUDA and none is available."""
+    MODEL.DEVICE "auto" becomes "cuda" when CUDA is available, else "cpu"; any other value stays
+    as given (`check_device` refuses "cuda" without CUDA when a model is built)."""
     cfg = get_cfg()
     add_petr_config(cfg)
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE == "auto":
+        import torch
+
+        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg
+
+
+def check_device(cfg):
+    """Raise a ValueError when MODEL.DEVICE asks for CUDA and this torch has none (instead of
+    Detectron2's error from deep inside `build_model`)."""
     import torch
 
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    device = cfg.MODEL.DEVICE
+    if device == "auto":
+        raise ValueError('MODEL.DEVICE "auto" is resolved by petr.get_petr_cfg; pass the config '
+                         'through it, or set "cpu" / "cuda"')  # fmt: skip
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE is {device!r} but CUDA is not available to torch "
+            f"{torch.__version__}: set MODEL.DEVICE cpu, or auto to use CUDA only when present"
+        )
 
 
 def _add_model_config(cfg):
@@ -74,6 +91,9 @@ def _add_model_config(cfg):
     # Greedy OKS-NMS over the final poses when > 0 (OKS threshold). The official model has none;
     # it helps a briefly trained model, whose duplicate poses outrank other people (the toy).
     p.OKS_NMS_THRESH_TEST = 0.0
+    # MODEL.WEIGHTS that fill less than half of the model's parameter elements are an error
+    # (a checkpoint of another architecture); True loads them with a warning.
+    p.ALLOW_PARTIAL_WEIGHTS = False
 
 
 def _add_swin_config(cfg):
@@ -95,6 +115,20 @@ def _add_swin_config(cfg):
 
 
 def _add_data_config(cfg):
+    # Training images, the official rule (mmdet CocoDataset._filter_imgs, filter_empty_gt=True):
+    # "official" keeps an image with at least one person annotation of any kind (crowd and
+    # 0-keypoint persons included; all-crowd or all-keypoint-less images train as negatives)
+    # whose json width and height are >= MIN_IMAGE_SIZE; "none" keeps every image.
+    # Detectron2's own FILTER_EMPTY_ANNOTATIONS (drop images without a non-crowd annotation) is
+    # off: on top of the official rule it would also drop the crowd-only images.
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    cfg.DATALOADER.PETR = CN()
+    d = cfg.DATALOADER.PETR
+    d.IMAGE_FILTER = "official"
+    d.MIN_IMAGE_SIZE = 32
+    # Unreadable training images (missing, truncated, undecodable) are replaced by another
+    # image and counted; training stops when more than this share of the reads fails.
+    d.MAX_BAD_IMAGE_SHARE = 0.01
     # Policy 1 of the official AutoAugment (and the last step of policy 2): short side a random
     # integer in [400, 1400], long side capped at 1400. Test: Detectron2's 800 / 1333 defaults.
     cfg.INPUT.MIN_SIZE_TRAIN = (400, 1400)

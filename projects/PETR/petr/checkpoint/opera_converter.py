@@ -1,7 +1,9 @@
 """Convert official PETR checkpoints (hikvision-research/opera, mmdet 2.x) to this project's model.
 
 Input: a file written by mmcv `save_checkpoint` (`{"state_dict", "meta", "optimizer"}`), or
-`{"model": sd}`, or a raw state dict; a `module.` prefix (DataParallel) is stripped. The
+`{"model": sd}`, or a raw state dict; a `module.` prefix (DataParallel) is stripped. Files are
+read without running code from them (`petr.utils.compat.torch_load`: mmcv objects in `meta`
+become inert placeholders), so an untrusted checkpoint is safe to convert. The
 architecture is read off the tensors (`opera_layout.infer_layout`), every official tensor is
 renamed by the rule table of `opera_rules` (the Swin backbone by `swin_keys`), checked against the
 shape the layout implies, and every tensor of our model must be produced exactly once. BN
@@ -12,15 +14,14 @@ tensors as float32, loadable by Detectron2's `MODEL.WEIGHTS` with no missing or 
 """
 
 import os
-import pickle
 import re
-import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Tuple
 
 import torch
 
+from ..utils.compat import torch_load
 from .opera_layout import (
     OperaCheckpointError,
     OperaLayout,
@@ -34,9 +35,13 @@ __all__ = [
     "ConversionReport",
     "OperaCheckpointError",
     "convert_opera_checkpoint",
+    "convert_opera_checkpoint_dict",
     "convert_state_dict",
     "infer_official_layout",
+    "is_opera_checkpoint",
     "load_opera_state_dict",
+    "opera_state_dict",
+    "read_checkpoint",
 ]
 
 AUTHOR = "petr-opera-converter"
@@ -78,56 +83,37 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-class _Placeholder(dict):
-    """Stands in for an object whose class is not importable here (e.g. an mmcv ConfigDict in the
-    checkpoint's `meta`); the converter never reads it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-
-    def __setstate__(self, state):
-        self._state = state
-
-
-class _LenientUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Placeholder,), {"__module__": module})
-
-
-# torch.load takes a pickle *module*; this one differs from `pickle` only in its Unpickler.
-_lenient_pickle = types.ModuleType("petr_lenient_pickle")
-_lenient_pickle.Unpickler = _LenientUnpickler
-_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
-
-
-def _torch_load(path: str):
-    # Official checkpoints pickle arbitrary `meta`: a full unpickler is needed, so convert only
-    # files you trust. Classes that are not installed (mmcv, mmdet) become placeholders.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (ImportError, AttributeError):
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle
-        )
-
-
-def load_opera_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read the official state dict from `path` (official names, `module.` prefix removed).
-
-    Raises OperaCheckpointError naming the file if it is missing, unreadable, holds no state dict,
-    or was written by this converter.
-    """
+def read_checkpoint(path: str):
+    """The object in the checkpoint file `path`, loaded without running code from it
+    (`petr.utils.compat.torch_load`; classes that are not plain data, e.g. mmcv objects in an
+    official `meta`, become inert placeholders). Raises OperaCheckpointError naming the file if
+    it is missing or is not a PyTorch checkpoint (garbage, truncated)."""
     if not os.path.isfile(path):
         raise OperaCheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = _torch_load(path)
+        return torch_load(path, placeholders=True)
     except Exception as e:  # torch raises many types for a bad file; all mean "not readable"
         raise OperaCheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
         ) from e
+
+
+def is_opera_checkpoint(ckpt) -> bool:
+    """Whether a loaded checkpoint holds an official (mmdet-named) PETR state dict."""
+    if not isinstance(ckpt, Mapping) or ckpt.get("__author__") == AUTHOR:
+        return False
+    sd = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    return isinstance(sd, Mapping) and any(
+        isinstance(k, str) and k.removeprefix("module.").startswith("bbox_head.") for k in sd
+    )
+
+
+def opera_state_dict(ckpt, path: str) -> Dict[str, torch.Tensor]:
+    """The official state dict in a loaded checkpoint (official names, `module.` removed).
+
+    Raises OperaCheckpointError naming `path` if it holds no state dict or was written by this
+    converter.
+    """
     if isinstance(ckpt, Mapping) and ckpt.get("__author__") == AUTHOR:
         raise OperaCheckpointError(
             f"{path}: already converted by {AUTHOR}; give it to MODEL.WEIGHTS as it is"
@@ -145,7 +131,12 @@ def load_opera_state_dict(path: str) -> Dict[str, torch.Tensor]:
             raise OperaCheckpointError(
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor"
             )
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_opera_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read the official state dict from `path` (`read_checkpoint` + `opera_state_dict`)."""
+    return opera_state_dict(read_checkpoint(path), path)
 
 
 def _rename(key: str, rules: List[Tuple[re.Pattern, str]]) -> str | None:
@@ -251,18 +242,26 @@ def convert_state_dict(
     return out, report
 
 
+def convert_opera_checkpoint_dict(ckpt, path: str) -> Tuple[Dict, ConversionReport]:
+    """A loaded official checkpoint -> (the checkpoint dict this converter writes, report).
+    Both `convert_opera_checkpoint` and `PETRCheckpointer` (MODEL.WEIGHTS) go through here."""
+    sd = opera_state_dict(ckpt, path)
+    try:
+        out, report = convert_state_dict(sd)
+    except OperaCheckpointError as e:
+        raise OperaCheckpointError(f"{path}: {e}") from e
+    return {"model": out, "__author__": AUTHOR, "matching_heuristics": False}, report
+
+
 def convert_opera_checkpoint(src: str, dst: str | None) -> ConversionReport:
     """Convert the official checkpoint `src` and save it to `dst` (only infer when dst is None)."""
-    sd = load_opera_state_dict(src)
     if dst is None:
+        sd = load_opera_state_dict(src)
         try:
             return ConversionReport(infer_official_layout(sd), num_source=len(sd))
         except OperaCheckpointError as e:
             raise OperaCheckpointError(f"{src}: {e}") from e
-    try:
-        out, report = convert_state_dict(sd)
-    except OperaCheckpointError as e:
-        raise OperaCheckpointError(f"{src}: {e}") from e
+    converted, report = convert_opera_checkpoint_dict(read_checkpoint(src), src)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    torch.save({"model": out, "__author__": AUTHOR, "matching_heuristics": False}, dst)
+    torch.save(converted, dst)
     return report

@@ -17,6 +17,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances, Keypoints
 from detectron2.utils.logger import log_first_n
 
+from .bad_images import BAD_IMAGES_KEY, UNREADABLE_KEY
 from .metadata import num_keypoints_from_metadata
 from .transforms import (
     AffineWarpTransform,
@@ -28,6 +29,9 @@ from .transforms import (
 __all__ = ["PETRDatasetMapper", "transform_pose_targets"]
 
 _NO_TARGET_CHANGE = (PhotometricDistortionTransform, T.NoOpTransform)
+# Consecutive failed reads in one worker after which the images are not bad files but a wrong
+# path (e.g. image_root): stop instead of redrawing forever.
+MAX_CONSECUTIVE_BAD_READS = 50
 
 
 def _clip_boxes(boxes, h, w):
@@ -121,6 +125,11 @@ class PETRDatasetMapper:
 
     Test output: "image" uint8 (3, H, W), resized so the short side is MIN_SIZE_TEST and the long
     side at most MAX_SIZE_TEST; annotations are dropped. "height"/"width" stay the original size.
+
+    An image that cannot be read (missing, truncated, undecodable): in training the mapper
+    returns None (another image is drawn) and attaches (file_name, reason) to the next sample it
+    returns, under `bad_images.BAD_IMAGES_KEY`; in inference it returns the dict without "image"
+    and with the reason under `bad_images.UNREADABLE_KEY` (see petr.data.bad_images).
     """
 
     @configurable
@@ -145,6 +154,8 @@ class PETRDatasetMapper:
         self.image_format = image_format
         self.num_keypoints = num_keypoints
         self.keypoint_hflip_indices = keypoint_hflip_indices
+        self._bad_reads = []  # failed reads not yet reported on a returned sample
+        self._consecutive_bad = 0
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(f"[PETRDatasetMapper] {mode}: {self.augmentations}")
 
@@ -171,13 +182,27 @@ class PETRDatasetMapper:
         return ret
 
     def _read_image(self, dataset_dict):
+        """The image, or None after recording why it cannot be read."""
         file_name = dataset_dict["file_name"]
         try:
+            # PIL raises OSError (missing, truncated), ValueError or SyntaxError (undecodable)
             image = utils.read_image(file_name, format=self.image_format)
         except (OSError, ValueError, SyntaxError) as e:
-            raise OSError(f"Cannot read image {file_name!r}: {e}") from e
-        utils.check_image_size(dataset_dict, image)
+            return self._bad_read(file_name, f"{type(e).__name__}: {e}")
+        utils.check_image_size(dataset_dict, image)  # a wrong json is an error, not a bad file
+        self._consecutive_bad = 0
         return image
+
+    def _bad_read(self, file_name, reason):
+        self._bad_reads.append((file_name, reason))
+        self._consecutive_bad += 1
+        if self._consecutive_bad >= MAX_CONSECUTIVE_BAD_READS:
+            raise OSError(
+                f"The last {self._consecutive_bad} image reads all failed; first: "
+                f"{self._bad_reads[0][0]} ({self._bad_reads[0][1]}). Check DATASETS and the "
+                "dataset's image_root"
+            )
+        return None
 
     def _load_targets(self, dataset_dict, image_hw):
         """Parse and filter the annotations (spec 3.1) into float64 arrays (see
@@ -223,6 +248,12 @@ class PETRDatasetMapper:
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
         image = self._read_image(dataset_dict)
+        if image is None:
+            if self.is_train:
+                return None  # MapDataset draws another image
+            dataset_dict.pop("annotations", None)
+            dataset_dict[UNREADABLE_KEY] = self._bad_reads.pop()[1]
+            return dataset_dict
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             aug_input = T.AugInput(image)  # uint8, as the official test pipeline
@@ -243,6 +274,8 @@ class PETRDatasetMapper:
         assert image.shape[:2] == tuple(image_hw), (image.shape, image_hw)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         dataset_dict["instances"] = self._to_instances(targets, image_hw)
+        if self._bad_reads:
+            dataset_dict[BAD_IMAGES_KEY], self._bad_reads = self._bad_reads, []
         return dataset_dict
 
     @staticmethod

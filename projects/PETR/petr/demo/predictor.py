@@ -8,10 +8,13 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine.defaults import DefaultPredictor
+from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
+from ..checkpoint.checkpointer import PETRCheckpointer
+from ..config import check_device
 from ..data.transforms import build_petr_augmentation
 from ..modeling.test_time_augmentation import PETRWithTTA
 
@@ -25,8 +28,18 @@ class PETRPredictor(DefaultPredictor):
     wrapped in `PETRWithTTA`, which resizes the original image to each of its own scales.
     Outputs are in original-image pixels."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, config_file=None):
+        # DefaultPredictor.__init__ with PETR's checks and checkpointer (official checkpoints,
+        # safe loading); `config_file` only names the config in loading errors.
+        check_device(cfg)
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg).eval()
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        PETRCheckpointer.from_config(cfg, self.model, config_file=config_file).load(
+            cfg.MODEL.WEIGHTS
+        )
+        self.input_format = cfg.INPUT.FORMAT
         self.augmentations = T.AugmentationList(build_petr_augmentation(cfg, is_train=False))
         if cfg.TEST.AUG.ENABLED:
             self.model = PETRWithTTA(cfg, self.model).eval()
@@ -84,13 +97,15 @@ class VisualizationDemo:
     """Predict and draw poses on images and videos; the metadata (joint names, skeleton) comes
     from cfg.DATASETS.TEST[0]."""
 
-    def __init__(self, cfg, confidence_threshold: float = 0.3, instance_mode=ColorMode.IMAGE):
+    def __init__(
+        self, cfg, confidence_threshold=0.3, instance_mode=ColorMode.IMAGE, config_file=None
+    ):
         self.metadata = MetadataCatalog.get(
             cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         )
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
-        self.predictor = PETRPredictor(cfg)
+        self.predictor = PETRPredictor(cfg, config_file)
         model = self.predictor.model
         num_keypoints = (model.model if isinstance(model, PETRWithTTA) else model).num_keypoints
         check_keypoint_metadata(self.metadata, num_keypoints)

@@ -6,7 +6,14 @@ Differences from DefaultTrainer:
 - COCO / CrowdPose keypoint evaluators with the dataset's OKS sigmas;
 - DistributedDataParallel without `device_ids` when the model is on CPU, so multi-process
   training also runs on CPU machines (gloo);
-- AMP with a configurable precision, and a clear error when it is asked for without CUDA.
+- AMP with a configurable precision, and a clear error when it is asked for without CUDA;
+- the official training-image rule (petr.data.training_images);
+- unreadable images: replaced and counted in training, skipped and counted in evaluation
+  (petr.data.bad_images);
+- PETRCheckpointer (official opera checkpoints as MODEL.WEIGHTS, safe loading, partial-load
+  check);
+- clear errors before any work: MODEL.DEVICE cuda without CUDA, a TEST dataset whose number of
+  keypoints differs from the model's.
 """
 
 import logging
@@ -15,17 +22,39 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint.checkpointer import PETRCheckpointer
+from ..config import check_device
+from ..data.bad_images import BadImageMonitor, SkipUnreadableImages
 from ..data.dataset_mapper import PETRDatasetMapper
-from ..evaluation import build_keypoint_evaluator
+from ..data.metadata import num_keypoints_from_metadata
+from ..data.training_images import petr_train_dataset_dicts
+from ..evaluation import ReadImagesOnly, build_keypoint_evaluator
 from ..modeling.test_time_augmentation import PETRWithTTA
 from .solver import build_petr_optimizer
+
+
+def check_test_keypoints(cfg, model):
+    """Raise before inference when a TEST dataset's keypoints differ in number from the model's
+    (the evaluation would otherwise fail in COCOeval after the whole inference)."""
+    model_k = getattr(model, "module", model)
+    model_k = getattr(model_k, "model", model_k).num_keypoints  # DDP, PETRWithTTA
+    for name in cfg.DATASETS.TEST:
+        k = num_keypoints_from_metadata(MetadataCatalog.get(name), default=None)
+        if k is not None and k != model_k:
+            raise ValueError(
+                f"TEST dataset {name!r} has {k} keypoints but the model predicts {model_k}: "
+                "evaluate on a dataset with the model's joints (DATASETS.TEST)"
+            )
 
 
 def ddp_kwargs(model: torch.nn.Module) -> dict:
@@ -43,13 +72,14 @@ class PETRTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        check_test_keypoints(cfg, model)  # now, not at the first evaluation hours later
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, **ddp_kwargs(model))
         self._trainer = self.build_step_runner(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        self.checkpointer = PETRCheckpointer.from_config(
+            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -69,26 +99,57 @@ class PETRTrainer(DefaultTrainer):
             )
         return AMPTrainer(model, data_loader, optimizer, precision=precision)
 
+    def build_hooks(self):
+        ret = super().build_hooks()
+        loader = self._trainer.data_loader
+        if isinstance(loader, BadImageMonitor):
+            summary = hooks.CallbackHook(
+                after_train=lambda _: logging.getLogger(__name__).info(loader.summary())
+            )
+            ret.insert(0, summary)
+        return ret
+
+    @classmethod
+    def build_model(cls, cfg):
+        check_device(cfg)
+        return super().build_model(cfg)
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_petr_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=PETRDatasetMapper(cfg, is_train=True))
+        """Detectron2's training loader over the images DATALOADER.PETR.IMAGE_FILTER keeps,
+        with PETR's mapper, inside a `BadImageMonitor`."""
+        loader = build_detection_train_loader(
+            cfg,
+            mapper=PETRDatasetMapper(cfg, is_train=True),
+            dataset=petr_train_dataset_dicts(cfg),
+        )
+        return BadImageMonitor(loader, cfg.DATALOADER.PETR.MAX_BAD_IMAGE_SHARE)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
+        """Detectron2's test loader with PETR's mapper; unreadable images are skipped."""
+        loader = build_detection_test_loader(
             cfg, dataset_name, mapper=PETRDatasetMapper(cfg, is_train=False)
         )
+        return SkipUnreadableImages(loader, dataset_name)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test, after checking every TEST dataset's number of keypoints against
+        the model's."""
+        check_test_keypoints(cfg, model)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         # like Detectron2's train_net: keep the predictions under OUTPUT_DIR/inference
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return build_keypoint_evaluator(cfg, dataset_name, output_folder)
+        return ReadImagesOnly(build_keypoint_evaluator(cfg, dataset_name, output_folder))
 
     @classmethod
     def test_with_TTA(cls, cfg, model):

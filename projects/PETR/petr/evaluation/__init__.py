@@ -1,12 +1,38 @@
 """Evaluation: Detectron2's COCOEvaluator with the dataset's OKS sigmas, or CrowdPose's E/M/H."""
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils import comm
 
 from ..data.metadata import num_keypoints_from_metadata, oks_sigmas_from_metadata
 from .crowdpose_evaluation import CrowdPoseEvaluator
 
-__all__ = ["CrowdPoseEvaluator", "build_keypoint_evaluator"]
+__all__ = ["CrowdPoseEvaluator", "ReadImagesOnly", "build_keypoint_evaluator"]
+
+
+class ReadImagesOnly(DatasetEvaluator):
+    """Scores only the images it was given: with an unreadable test image skipped
+    (petr.data.bad_images.SkipUnreadableImages), its ground truth would otherwise count as
+    missed. `evaluator` takes `evaluate(img_ids=...)` (COCOEvaluator, CrowdPoseEvaluator); the
+    ids are sorted, as COCOeval's default, so the result is unchanged when nothing was skipped."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+        self._image_ids = []
+
+    def reset(self):
+        self._image_ids = []
+        self.evaluator.reset()
+
+    def process(self, inputs, outputs):
+        self._image_ids += [x["image_id"] for x in inputs]
+        self.evaluator.process(inputs, outputs)
+
+    def evaluate(self):
+        ids = self._image_ids
+        if comm.get_world_size() > 1:
+            ids = [i for rank_ids in comm.all_gather(ids) for i in rank_ids]
+        return self.evaluator.evaluate(img_ids=sorted(set(ids)))
 
 
 def build_keypoint_evaluator(cfg, dataset_name, output_folder=None):

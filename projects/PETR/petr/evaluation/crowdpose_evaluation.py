@@ -99,7 +99,8 @@ class CrowdPoseEvaluator(DatasetEvaluator):
             r["category_id"] = reverse[r["category_id"]]
         return results
 
-    def evaluate(self):
+    def evaluate(self, img_ids=None):
+        """Metrics over `img_ids` (default: every image of the json)."""
         if self._distributed:
             comm.synchronize()
             predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
@@ -118,14 +119,16 @@ class CrowdPoseEvaluator(DatasetEvaluator):
         if not results:
             self._logger.warning("[CrowdPoseEvaluator] No predictions: every metric is 0.")
             return OrderedDict(keypoints={k: 0.0 for k in CROWDPOSE_METRICS})
-        return OrderedDict(keypoints=self._run_cocoeval(results))
+        return OrderedDict(keypoints=self._run_cocoeval(results, img_ids))
 
-    def _run_cocoeval(self, results):
+    def _run_cocoeval(self, results, img_ids=None):
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             gt = _load_gt(self._json_file)  # fresh: COCOeval mutates the ground truth it reads
             dt = gt.loadRes(results)
             coco_eval = COCOeval(gt, dt, "keypoints_crowd", self._sigmas, use_area=False)
+            if img_ids is not None:
+                coco_eval.params.imgIds = list(img_ids)
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()

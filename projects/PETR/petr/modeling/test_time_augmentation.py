@@ -172,8 +172,9 @@ class PETRWithTTA(nn.Module):
     Views: for each short side in `min_sizes` (long side <= max_size, mmcv rounding, cv2
     bilinear) the resized image and, with `flip`, its mirror. Each view is one normal PETR
     inference (batch 1); the resize is shared by a scale's two views. Poses come back in
-    original-image pixels, flipped ones are un-flipped (x' = W - x, joint ids swapped), then the
-    views are merged ("soft_nms" or "oks_average", see the module docstring). The reference view
+    original-image pixels, flipped ones are un-flipped (x' = W - x in the network's frame, i.e.
+    before OUTPUT_PIXEL_OFFSET; joint ids swapped), then the views are merged ("soft_nms" or
+    "oks_average", see the module docstring). The reference view
     of "oks_average" is the unflipped view at min_sizes[0].
 
     Inputs: Detectron2 dicts with "image" (C, H, W) in the model's input format, or only
@@ -281,15 +282,24 @@ class PETRWithTTA(nn.Module):
                 tensor = torch.as_tensor(np.ascontiguousarray(view.transpose(2, 0, 1)))
                 yield {"image": tensor, "height": H, "width": W}, flipped
 
-    def _inference_one(self, x: Dict) -> Instances:
+    def view_poses(self, x: Dict) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int, int]:
+        """Per view, the reference first: (keypoints (N, K, 2) in original-image pixels of `x`,
+        flipped views mapped back; scores (N,)), and the output size (H, W)."""
         image, H, W = self._original_image(x)
-        poses = []  # per view: (keypoints (N, K, 2) original pixels, scores (N,))
+        # The model adds MODEL.PETR.OUTPUT_PIXEL_OFFSET to its poses; the official un-flip
+        # (x' = W - x) is in the network's pixel frame, so remove the offset, un-flip, add it.
+        offset = getattr(self.model, "output_pixel_offset", 0.0)
+        poses = []
         for inputs, flipped in self._views(image, H, W):
             inst = self.model([inputs])[0]["instances"]
             kpts = inst.pred_keypoints[..., :2]
             if flipped:
-                kpts = hflip_poses(kpts, W, self.flip_indices)
+                kpts = hflip_poses(kpts - offset, W, self.flip_indices) + offset
             poses.append((kpts, inst.scores))
+        return poses, H, W
+
+    def _inference_one(self, x: Dict) -> Instances:
+        poses, H, W = self.view_poses(x)
         device = poses[0][0].device  # the result goes back where the model put its outputs
         poses = [(k.cpu(), s.cpu()) for k, s in poses]  # sequential merges: the CPU is faster
         if self.merge == "soft_nms":
