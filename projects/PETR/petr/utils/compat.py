@@ -11,4 +11,3 @@ TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")
 # torch.library.custom_op / register_fake / register_autograd arrived in torch 2.4; before that
 # the deformable-attention kernels are wrapped in a plain autograd.Function (opaque to dynamo).
 HAS_CUSTOM_OP = TORCH_VERSION >= (2, 4) and hasattr(torch.library, "custom_op")
-

@@ -166,9 +166,10 @@ class PETRMSDeformAttn(_DeformAttnBase):
             self.sampling_offsets.bias.copy_(grid.view(-1))
 
     def sampling_locations(self, offsets, reference_points, spatial_shapes):
-        """reference_points (B, Q, L, 2) normalised (x, y) -> locations (B, Q, M, L, P, 2)."""
+        """reference_points (B, Q, L, 2) normalised (x, y) -> locations (B, Q, M, L, P, 2);
+        spatial_shapes: L (H_l, W_l) int pairs."""
         # offsets are in pixels of each level: divide by (W_l, H_l)
-        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
+        normalizer = offsets.new_tensor([[w, h] for h, w in spatial_shapes])
         return (
             reference_points[:, :, None, :, None, :]
             + offsets / normalizer[None, None, None, :, None, :]

@@ -48,6 +48,7 @@ class PETRJointDecoder(nn.Module):
         img_inds = torch.repeat_interleave(
             torch.arange(len(counts), device=kpts.device),
             torch.as_tensor(counts, device=kpts.device),
+            output_size=N,  # known on the host: no sync to size the result
         )
         pos, x = self.query_embed.weight.split(self.query_embed.weight.shape[1] // 2, dim=1)
         pos = pos[None].expand(N, -1, -1)
