@@ -18,8 +18,9 @@ class EncoderMemory:
     memory (B, S, C) encoder output; padding_mask (B, S) True on padding; pos (B, S, C) position
     + level embedding; spatial_shapes L (H_l, W_l) pairs and level_start_index L ints, plain
     Python ints so that no stage reads a level size back from a tensor (no host sync, static
-    shapes for torch.compile); valid_ratios (B, L, 2) as (valid W / W_l, valid H / H_l); reference_points (B, S, L, 2)
-    normalised (x, y) token centres, already multiplied by the valid ratios.
+    shapes for torch.compile); valid_ratios (B, L, 2) as (valid W / W_l, valid H / H_l);
+    reference_points (B, S, L, 2) normalised (x, y) token centres, already multiplied by the
+    valid ratios.
     """
 
     memory: torch.Tensor
