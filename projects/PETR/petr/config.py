@@ -74,6 +74,12 @@ def _add_model_config(cfg):
     # Greedy OKS-NMS over the final poses when > 0 (OKS threshold). The official model has none;
     # it helps a briefly trained model, whose duplicate poses outrank other people (the toy).
     p.OKS_NMS_THRESH_TEST = 0.0
+    # torch.compile of the whole model (training, --eval-only, the demo predictor, the benchmark);
+    # MODE is torch.compile's: "default", "reduce-overhead", "max-autotune",
+    # "max-autotune-no-cudagraphs". The first iterations per input size pay the compilation.
+    p.COMPILE = CN()
+    p.COMPILE.ENABLED = False
+    p.COMPILE.MODE = "default"
 
 
 def _add_swin_config(cfg):

@@ -13,6 +13,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from ..data.transforms import build_petr_augmentation
+from ..modeling.compile import compile_model
 from ..modeling.test_time_augmentation import PETRWithTTA
 
 __all__ = ["PETRPredictor", "VisualizationDemo", "draw_poses"]
@@ -23,10 +24,11 @@ class PETRPredictor(DefaultPredictor):
     image in, one output dict out) with PETR's test resize: short side INPUT.MIN_SIZE_TEST, long
     side <= INPUT.MAX_SIZE_TEST, mmcv rounding, cv2 bilinear. With TEST.AUG.ENABLED the model is
     wrapped in `PETRWithTTA`, which resizes the original image to each of its own scales.
-    Outputs are in original-image pixels."""
+    With MODEL.PETR.COMPILE.ENABLED the model runs under torch.compile. Outputs are in original-image pixels."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        compile_model(self.model, cfg)  # MODEL.PETR.COMPILE
         self.augmentations = T.AugmentationList(build_petr_augmentation(cfg, is_train=False))
         if cfg.TEST.AUG.ENABLED:
             self.model = PETRWithTTA(cfg, self.model).eval()

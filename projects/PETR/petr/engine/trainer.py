@@ -6,7 +6,8 @@ Differences from DefaultTrainer:
 - COCO / CrowdPose keypoint evaluators with the dataset's OKS sigmas;
 - DistributedDataParallel without `device_ids` when the model is on CPU, so multi-process
   training also runs on CPU machines (gloo);
-- AMP with a configurable precision, and a clear error when it is asked for without CUDA.
+- AMP with a configurable precision, and a clear error when it is asked for without CUDA;
+- torch.compile when MODEL.PETR.COMPILE.ENABLED (build_model).
 """
 
 import logging
@@ -24,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.dataset_mapper import PETRDatasetMapper
 from ..evaluation import build_keypoint_evaluator
+from ..modeling.compile import compile_model
 from ..modeling.test_time_augmentation import PETRWithTTA
 from .solver import build_petr_optimizer
 
@@ -68,6 +70,12 @@ class PETRTrainer(DefaultTrainer):
                 f"SOLVER.AMP.PRECISION={cfg.SOLVER.AMP.PRECISION!r}: use float16 or bfloat16"
             )
         return AMPTrainer(model, data_loader, optimizer, precision=precision)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """DefaultTrainer's model, compiled in place when MODEL.PETR.COMPILE.ENABLED (training
+        and --eval-only both build the model here)."""
+        return compile_model(super().build_model(cfg), cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
