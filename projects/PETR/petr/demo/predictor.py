@@ -24,7 +24,8 @@ class PETRPredictor(DefaultPredictor):
     image in, one output dict out) with PETR's test resize: short side INPUT.MIN_SIZE_TEST, long
     side <= INPUT.MAX_SIZE_TEST, mmcv rounding, cv2 bilinear. With TEST.AUG.ENABLED the model is
     wrapped in `PETRWithTTA`, which resizes the original image to each of its own scales.
-    With MODEL.PETR.COMPILE.ENABLED the model runs under torch.compile. Outputs are in original-image pixels."""
+    With MODEL.PETR.COMPILE.ENABLED the model runs under torch.compile. Outputs are in
+    original-image pixels."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
