@@ -28,10 +28,11 @@ def reduce_mean(value: Tensor) -> Tensor:
     return value
 
 
-def normaliser(count: float | Tensor, device: torch.device) -> float:
-    """max(mean over processes of `count`, 1) + eps: the official denominator of most losses."""
+def normaliser(count: float | Tensor, device: torch.device) -> Tensor:
+    """max(mean over processes of `count`, 1) + eps: the official denominator of most losses.
+    A 0-d float32 tensor on `device`, never read on the host (no sync in the training step)."""
     count = torch.as_tensor(count, dtype=torch.float32, device=device)
-    return max(float(reduce_mean(count)), 1.0) + AVG_FACTOR_EPS
+    return reduce_mean(count).clamp(min=1.0) + AVG_FACTOR_EPS
 
 
 def sigmoid_focal_loss_sum(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:

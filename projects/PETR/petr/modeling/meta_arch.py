@@ -226,6 +226,9 @@ class PETR(nn.Module):
                     "areas": inst.gt_areas.float(),
                     "boxes": inst.gt_boxes.tensor,
                     "image_size": tuple(size),
+                    # the heatmap targets are drawn on the host: keep the loader's copies
+                    "host_keypoints": x["instances"].gt_keypoints.tensor,
+                    "host_boxes": x["instances"].gt_boxes.tensor,
                 }
             )
         return targets
