@@ -3,10 +3,13 @@ forward has no device-to-host sync (one stall per attention call on a GPU) and t
 traces it as one graph. Two checks: Tensor methods that read values are patched to fail (any
 torch), and dynamo's graph-break count (torch >= 2.4, where the kernel is a custom op)."""
 
+import inspect
+import os
+
 import pytest
 import torch
 from detectron2.modeling import build_model
-from petr_testing import opera_tiny_cfg
+from petr_testing import opera_tiny_cfg, random_person_batch
 
 from petr.utils.compat import HAS_CUSTOM_OP
 
@@ -77,3 +80,29 @@ def test_whole_model_inference_traces_without_graph_breaks(model):
         explanation = torch._dynamo.explain(model)(_images([(H, W)]))
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_training_reads_device_values_only_in_the_matcher(monkeypatch):
+    """Per training step, the only host reads of model or target tensors are the matcher's:
+    one transfer per matching (encoder proposals and each pose-decoder layer), whatever the
+    batch size. The heatmap targets are drawn from the loader's host copies."""
+    model = build_model(opera_tiny_cfg()).train()
+    batch = random_person_batch(17, [(96, 128), (80, 112), (96, 96)], [3, 2, 0])
+    host_files = ("heatmap_target.py",)  # draws on the host copies: no device read
+    reads = []
+
+    def guard(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = os.path.basename(inspect.stack()[1].filename)
+            if caller not in host_files:
+                reads.append((name, caller))
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    model(batch)
+    monkeypatch.undo()
+    matchings = 1 + len(model.pose_decoder.layers)  # encoder proposals + every pose layer
+    assert reads == [("cpu", "matcher.py"), ("numpy", "matcher.py")] * matchings

@@ -79,6 +79,8 @@ class PETRHungarianMatcher(nn.Module):
     def num_keypoints(self) -> int:
         return self.oks_sigmas.numel()
 
+    # scipy on the host: torch.compile runs the matcher eagerly (one graph break per call)
+    @torch.compiler.disable
     @torch.no_grad()
     def forward(self, logits: Tensor, kpts: Tensor, targets: Sequence[dict]) -> list:
         """Match every image of the batch.
