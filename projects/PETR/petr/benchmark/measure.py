@@ -186,7 +186,7 @@ def run_measurement(spec: Dict) -> Dict:
             if backend == "inductor"
             else None
         )
-        compiled = torch.compile(model, backend=backend, mode=mode)
+        compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
         runners["compiled"] = lambda: step(compiled)
     if compare:
         krcnn = KeypointRCNNRunner(device, spec.get("kpt_boxes", 20))

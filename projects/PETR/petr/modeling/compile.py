@@ -5,6 +5,11 @@ keys stay those of the eager model: checkpoints load and save as before, and cod
 its parts (`model.encode`, TTA, export) runs them eagerly. Inference traces as one graph: level
 sizes are Python ints and deformable attention is a custom op (torch >= 2.4; older torch breaks
 the graph around each attention call, see petr.utils.compat.HAS_CUSTOM_OP).
+
+Every input size compiles its own graph (the first call at a size pays the compilation); past
+torch._dynamo.config.cache_size_limit sizes (8 by default) dynamo runs the model eagerly. So
+compile pays off for inputs of a few fixed sizes (video, a fixed test resolution), not for a
+COCO evaluation where nearly every image has its own size.
 """
 
 import logging
@@ -28,5 +33,6 @@ def compile_model(model: nn.Module, cfg, force: bool = False, mode: str | None =
             f"{', '.join(COMPILE_MODES)}"
         )
     logging.getLogger(__name__).info("Compiling the model with torch.compile(mode=%r)", mode)
-    model.compile(mode=mode)
+    # dynamic=False: level sizes are Python ints, so each input size gets its own graph anyway
+    model.compile(mode=mode, dynamic=False)
     return model
