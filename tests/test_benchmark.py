@@ -134,3 +134,11 @@ def test_compare_refuses_training(tiny_config, capsys):
     with pytest.raises(SystemExit):
         _load_tool().main(["--config-file", tiny_config, "--train", "--compare", "keypoint_rcnn"])
     assert "inference only" in capsys.readouterr().err
+
+
+def test_compile_key_in_the_config_adds_the_compiled_column(tiny_config):
+    opts = ["--opts", "MODEL.PETR.COMPILE.ENABLED", "True"]
+    rc, out = _run(tiny_config, "--precisions", "fp32", "--compile-backend", "eager", *opts)
+    assert rc == 0, out
+    (row,) = _rows(out)
+    assert len(row) == 14 and float(row[11].split()[0]) > 0  # compiled ms/iter

@@ -51,3 +51,12 @@ def test_compiled_model_matches_the_official_outputs(tmp_path):
     torch.testing.assert_close(result.scores, io["scores"], rtol=0, atol=1e-5)
     torch.testing.assert_close(result.pred_keypoints[..., :2], io["keypoints"], rtol=0, atol=1e-3)
     torch.testing.assert_close(result.pred_boxes.tensor, io["boxes"], rtol=0, atol=1e-3)
+
+
+def test_demo_predictor_honours_the_key(tmp_path):
+    from petr.demo.predictor import PETRPredictor
+
+    cfg = opera_tiny_cfg()
+    assert not _is_compiled(PETRPredictor(cfg).model)
+    cfg.MODEL.PETR.COMPILE.ENABLED = True
+    assert _is_compiled(PETRPredictor(cfg).model)

@@ -68,7 +68,9 @@ def build_parser():
         help="default: fp32 bf16 on CPU, fp32 fp16 bf16 on CUDA",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="also time the torch.compile'd model"
+        "--compile",
+        action="store_true",
+        help="also time the torch.compile'd model (implied by MODEL.PETR.COMPILE.ENABLED)",
     )
     parser.add_argument(
         "--compile-mode",
@@ -239,6 +241,12 @@ def main(argv=None) -> int:
         parser.error(f"--kpt-boxes must be >= 1, got {args.kpt_boxes}")
     if args.height < 32 or args.width < 32:
         parser.error(f"--height/--width must be >= 32, got {args.height}x{args.width}")
+    from petr import get_petr_cfg
+
+    # MODEL.PETR.COMPILE.ENABLED in the config (or --opts) asks for the compiled column too
+    args.compile = (
+        args.compile or get_petr_cfg(args.config_file, args.opts).MODEL.PETR.COMPILE.ENABLED
+    )
     pairs, notes = plan(args)
     if not pairs:
         parser.error("nothing to measure: " + "; ".join(notes))
