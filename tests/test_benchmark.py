@@ -119,9 +119,13 @@ def test_compiled_and_keypoint_rcnn_columns_and_stages(tiny_config):
     compiled_ms = float(compiled.split()[0])
     krcnn_ms = float(krcnn.split()[0])
     assert float(compile_s) > 0 and compiled_ms > 0 and krcnn_ms > 0
-    assert float(speedup) == pytest.approx(eager_ms / compiled_ms, rel=0.02)
-    assert float(ratio) == pytest.approx(eager_ms / krcnn_ms, rel=0.02)
-    assert float(compiled_ratio) == pytest.approx(compiled_ms / krcnn_ms, rel=0.02)
+    assert float(speedup) == pytest.approx(
+        eager_ms / compiled_ms, rel=0.02, abs=0.006
+    )  # 2 decimals
+    assert float(ratio) == pytest.approx(eager_ms / krcnn_ms, rel=0.02, abs=0.006)  # 2 decimals
+    assert float(compiled_ratio) == pytest.approx(
+        compiled_ms / krcnn_ms, rel=0.02, abs=0.006
+    )  # 2 decimals
     assert boxes == "7"  # Keypoint R-CNN's keypoint head ran on 7 person boxes
     stage_lines = [ln for ln in stages.splitlines() if ln.startswith("| ")]
     assert stage_lines[0].startswith("| device | precision | backbone | neck | encoder |")
