@@ -101,3 +101,48 @@ def test_bad_arguments_exit_with_a_message(tiny_config, capsys):
     with pytest.raises(SystemExit):
         tool.main(["--config-file", tiny_config, "--devices", "cpu", "--precisions", "fp16"])
     assert "fp16 autocast is benchmarked on CUDA only" in capsys.readouterr().err
+
+
+def test_compiled_and_keypoint_rcnn_columns_and_stages(tiny_config):
+    # backend "eager": dynamo traces the model (the code path of --compile) without inductor's
+    # code generation, which would take a minute here
+    extra = ["--precisions", "fp32", "--compile", "--compile-backend", "eager"]
+    rc, out = _run(
+        tiny_config, *extra, "--compare", "keypoint_rcnn", "--kpt-boxes", "7", "--stages"
+    )
+    assert rc == 0, out
+    main, stages = out.split("Eager time per stage")
+    (row,) = _rows(main)
+    _check_row(row[:11], "inference", "fp32", 1)
+    compiled, compile_s, speedup, krcnn, boxes, ratio, compiled_ratio = row[11:]
+    eager_ms = float(row[5].split()[0])
+    compiled_ms = float(compiled.split()[0])
+    krcnn_ms = float(krcnn.split()[0])
+    assert float(compile_s) > 0 and compiled_ms > 0 and krcnn_ms > 0
+    assert float(speedup) == pytest.approx(
+        eager_ms / compiled_ms, rel=0.02, abs=0.006
+    )  # 2 decimals
+    assert float(ratio) == pytest.approx(eager_ms / krcnn_ms, rel=0.02, abs=0.006)  # 2 decimals
+    assert float(compiled_ratio) == pytest.approx(
+        compiled_ms / krcnn_ms, rel=0.02, abs=0.006
+    )  # 2 decimals
+    assert boxes == "7"  # Keypoint R-CNN's keypoint head ran on 7 person boxes
+    stage_lines = [ln for ln in stages.splitlines() if ln.startswith("| ")]
+    assert stage_lines[0].startswith("| device | precision | backbone | neck | encoder |")
+    cells = [float(c) for c in stage_lines[1].strip("|").split("|")[2:]]
+    assert len(cells) == 7 and all(c > 0 for c in cells[:6])
+    assert sum(cells) == pytest.approx(eager_ms, abs=0.5)  # stages + rest = the forward
+
+
+def test_compare_refuses_training(tiny_config, capsys):
+    with pytest.raises(SystemExit):
+        _load_tool().main(["--config-file", tiny_config, "--train", "--compare", "keypoint_rcnn"])
+    assert "inference only" in capsys.readouterr().err
+
+
+def test_compile_key_in_the_config_adds_the_compiled_column(tiny_config):
+    opts = ["--opts", "MODEL.PETR.COMPILE.ENABLED", "True"]
+    rc, out = _run(tiny_config, "--precisions", "fp32", "--compile-backend", "eager", *opts)
+    assert rc == 0, out
+    (row,) = _rows(out)
+    assert len(row) == 14 and float(row[11].split()[0]) > 0  # compiled ms/iter

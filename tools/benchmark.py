@@ -3,11 +3,17 @@
 
     python tools/benchmark.py --config-file configs/petr_R50.yaml                  # inference
     python tools/benchmark.py --config-file configs/petr_R50.yaml --train --batch-size 2
+    python tools/benchmark.py --config-file configs/petr_R50.yaml --compile --compare keypoint_rcnn
+    python tools/benchmark.py --config-file configs/petr_R50.yaml --devices cuda \
+        --precisions fp32 bf16 --compile                                     # GPU check
 
 Each (device, precision) pair is measured in a fresh subprocess (petr.benchmark.measure) on
 synthetic inputs of --height x --width pixels (training: random people), after --warmup untimed
 iterations, over --iters timed ones. Weights are random unless MODEL.WEIGHTS is set (speed does
-not depend on them, except through which proposals are selected). Prints a markdown table.
+not depend on them, except through which proposals are selected). With --compile the compiled
+model (torch.compile) and with --compare keypoint_rcnn Detectron2's Keypoint R-CNN R50-FPN are
+timed in the same process, alternating with the eager model, so the ratios see the same load.
+Prints a markdown table, and with --stages the eager time of each stage.
 """
 
 import argparse
@@ -25,7 +31,17 @@ batch. Peak memory: on CUDA torch.cuda.max_memory_allocated (weights included); 
 increase of the process's peak RSS (ru_maxrss) over its value once the model was built, i.e.
 the activations, gradients and optimiser state of the measured iterations.
 Precisions are autocast over an fp32 model; fp16 only on CUDA.
+compiled: torch.compile(model, mode=--compile-mode) on the same weights; "compile s" is its first
+call (compilation included, per input size); "x eager" = eager ms / compiled ms. Keypoint R-CNN:
+model-zoo COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml, random weights, score threshold 0 so
+that its keypoint head runs on --kpt-boxes person boxes per image; "PETR / KRCNN" = PETR ms /
+Keypoint R-CNN ms (<= 1: PETR is as fast or faster). Stages: mean eager ms inside each part's
+forward (hooks; CUDA synchronises at each boundary); "rest" is preprocessing, heads outside the
+parts, postprocessing (training: also the heatmap branch, matching, losses and the update).
+Peak memory covers every model timed in the process.
 """
+
+STAGE_LABELS = ("backbone", "neck", "encoder", "proposals", "pose decoder", "joint decoder")
 
 
 def build_parser():
@@ -50,6 +66,38 @@ def build_parser():
         default=None,
         choices=["fp32", "fp16", "bf16"],
         help="default: fp32 bf16 on CPU, fp32 fp16 bf16 on CUDA",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the torch.compile'd model (implied by MODEL.PETR.COMPILE.ENABLED)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (default: MODEL.PETR.COMPILE.MODE)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="torch.compile backend (aot_eager/eager: check tracing without code generation)",
+    )
+    parser.add_argument(
+        "--stages", action="store_true", help="also print the eager time of each model stage"
+    )
+    parser.add_argument(
+        "--compare",
+        choices=["keypoint_rcnn"],
+        default=None,
+        help="also time Detectron2's Keypoint R-CNN R50-FPN (random weights), inference only",
+    )
+    parser.add_argument(
+        "--kpt-boxes",
+        type=int,
+        default=20,
+        help="person boxes per image for Keypoint R-CNN's keypoint head (default 20)",
     )
     parser.add_argument(
         "--opts",
@@ -89,6 +137,11 @@ def measure(args, device, precision) -> dict:
         batch_size=args.batch_size,
         warmup=args.warmup,
         iters=args.iters,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_backend=args.compile_backend,
+        compare=args.compare,
+        kpt_boxes=args.kpt_boxes,
     )
     proc = subprocess.run(
         [sys.executable, "-m", "petr.benchmark.measure", json.dumps(spec)],
@@ -119,24 +172,61 @@ def paper_note(config_file: str, opts) -> str:
     )
 
 
+def _ms(r) -> str:
+    return f"{r['ms_per_iter']:.1f} ({r['ms_per_iter_min']:.1f})"
+
+
 def format_table(args, rows) -> str:
     mode = "train" if args.train else "inference"
-    lines = [
+    header = (
         "| mode | device | precision | batch | size | ms/iter (min) | it/s | ms/img | img/s "
-        "| peak mem MiB | deform attn |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "| peak mem MiB | deform attn |"
+    )
+    if args.compile:
+        header += " compiled ms/iter (min) | compile s | x eager |"
+    if args.compare:
+        header += " Keypoint R-CNN ms/iter (min) | boxes | PETR / KRCNN |"
+        if args.compile:
+            header += " compiled / KRCNN |"
+    width = header.count("|") - 1
+    lines = [header, "|" + "---|" * width]
     size = f"{args.height}x{args.width}"
     for (device, precision), r in rows:
         head = f"| {mode} | {device} | {precision} | {args.batch_size} | {size} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | | | | |")
+            lines.append(f"{head} failed: {r['error']} |" + " |" * (width - 6))
             continue
-        lines.append(
-            f"{head} {r['ms_per_iter']:.1f} ({r['ms_per_iter_min']:.1f}) | "
-            f"{r['iters_per_s']:.3f} | {r['ms_per_iter'] / args.batch_size:.1f} | "
-            f"{r['images_per_s']:.3f} | {r['peak_mem_mib']:.0f} | {r['deform_attn']} |"
+        line = (
+            f"{head} {_ms(r)} | {r['iters_per_s']:.3f} | {r['ms_per_iter'] / args.batch_size:.1f} "
+            f"| {r['images_per_s']:.3f} | {r['peak_mem_mib']:.0f} | {r['deform_attn']} |"
         )
+        if args.compile:
+            c = r["compiled"]
+            line += (
+                f" {_ms(c)} | {c['compile_s']:.1f} | {r['ms_per_iter'] / c['ms_per_iter']:.2f} |"
+            )
+        if args.compare:
+            k = r["keypoint_rcnn"]
+            line += f" {_ms(k)} | {k['boxes']:.0f} | {r['ms_per_iter'] / k['ms_per_iter']:.2f} |"
+            if args.compile:
+                line += f" {r['compiled']['ms_per_iter'] / k['ms_per_iter']:.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_stages(rows) -> str:
+    """Mean eager ms per stage, one row per successful measurement."""
+    lines = [
+        "| device | precision | " + " | ".join(STAGE_LABELS) + " | rest |",
+        "|" + "---|" * (len(STAGE_LABELS) + 3),
+    ]
+    for (device, precision), r in rows:
+        if "error" in r:
+            continue
+        stages = [r["stages"][label] for label in STAGE_LABELS]
+        rest = r["ms_per_iter"] - sum(stages)
+        cells = " | ".join(f"{ms:.1f}" for ms in [*stages, rest])
+        lines.append(f"| {device} | {precision} | {cells} |")
     return "\n".join(lines)
 
 
@@ -145,13 +235,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("need --iters >= 1, --warmup >= 0 and --batch-size >= 1")
+    if args.compare and args.train:
+        parser.error("--compare keypoint_rcnn times inference only; drop --train")
+    if args.kpt_boxes < 1:
+        parser.error(f"--kpt-boxes must be >= 1, got {args.kpt_boxes}")
     if args.height < 32 or args.width < 32:
         parser.error(f"--height/--width must be >= 32, got {args.height}x{args.width}")
+    from petr import get_petr_cfg
+
+    # MODEL.PETR.COMPILE.ENABLED in the config (or --opts) asks for the compiled column too
+    args.compile = (
+        args.compile or get_petr_cfg(args.config_file, args.opts).MODEL.PETR.COMPILE.ENABLED
+    )
     pairs, notes = plan(args)
     if not pairs:
         parser.error("nothing to measure: " + "; ".join(notes))
     rows = [((d, p), measure(args, d, p)) for d, p in pairs]
     print(format_table(args, rows))
+    if args.stages and any("error" not in r for _, r in rows):
+        print("\nEager time per stage, ms (mean over the timed iterations):\n")
+        print(format_stages(rows))
     threads = {r["threads"] for _, r in rows if "threads" in r}
     if threads:
         notes.append(f"CPU threads: {', '.join(map(str, sorted(threads)))}")

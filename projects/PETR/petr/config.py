@@ -94,6 +94,12 @@ def _add_model_config(cfg):
     # MODEL.WEIGHTS that fill less than half of the model's parameter elements are an error
     # (a checkpoint of another architecture); True loads them with a warning.
     p.ALLOW_PARTIAL_WEIGHTS = False
+    # torch.compile of the whole model (training, --eval-only, the demo predictor, the benchmark);
+    # MODE is torch.compile's: "default", "reduce-overhead", "max-autotune",
+    # "max-autotune-no-cudagraphs". The first iterations per input size pay the compilation.
+    p.COMPILE = CN()
+    p.COMPILE.ENABLED = False
+    p.COMPILE.MODE = "default"
 
 
 def _add_swin_config(cfg):

@@ -3,7 +3,10 @@
 Run as `python -m petr.benchmark.measure '<json spec>'` in a fresh process per measurement, so
 that the process's peak RSS (ru_maxrss) belongs to that measurement alone; prints one JSON line.
 Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("fp32" | "fp16"
-| "bf16", autocast), height, width, batch_size, warmup, iters.
+| "bf16", autocast), height, width, batch_size, warmup, iters; optional compile (bool),
+compile_mode (torch.compile mode, default MODEL.PETR.COMPILE.MODE), compile_backend
+(default "inductor"), compare ("keypoint_rcnn")
+and kpt_boxes (person boxes per image for Keypoint R-CNN's keypoint head, default 20).
 """
 
 import json
@@ -13,12 +16,15 @@ import time
 from typing import Dict, List
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, Keypoints
 
 from petr import get_petr_cfg
+from petr.checkpoint.checkpointer import PETRCheckpointer
 from petr.layers import ms_deform_attn_backend
+
+from .keypoint_rcnn import KeypointRCNNRunner, keypoint_rcnn_batch
+from .stages import StageTimer
 
 __all__ = ["PEOPLE_PER_IMAGE", "deform_attn_backend", "run_measurement", "synthetic_batch"]
 
@@ -82,7 +88,9 @@ def _build(spec: Dict):
     cfg.MODEL.DEVICE = spec["device"]
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        PETRCheckpointer.from_config(cfg, model, config_file=spec["config_file"]).load(
+            cfg.MODEL.WEIGHTS
+        )
     return cfg, model
 
 
@@ -95,73 +103,146 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _timed(fn, device: str) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _stats(times: List[float]) -> Dict:
+    return {"ms_per_iter": 1000.0 * sum(times) / len(times), "ms_per_iter_min": 1000.0 * min(times)}
+
+
+def _autocast(device: str, precision: str):
+    return torch.autocast(
+        device.split(":")[0],
+        dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+        enabled=precision != "fp32",
+    )
+
+
+def _steps(spec: Dict, cfg, model):
+    """step(module) runs one inference or training iteration through `module` (the eager model
+    or its compiled wrapper, which share parameters and optimiser)."""
+    device, precision = spec["device"], spec["precision"]
+    train = spec["mode"] == "train"
+    batch = synthetic_batch(
+        model.num_keypoints, spec["height"], spec["width"], spec["batch_size"], train
+    )
+    autocast = _autocast(device, precision)
+    if not train:
+
+        def step(module):
+            with torch.no_grad(), autocast:
+                return module(batch)
+
+        return batch, step
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    clip_value = clip.CLIP_VALUE if clip.ENABLED and clip.CLIP_TYPE == "full_model" else None
+
+    def step(module):
+        with autocast:
+            losses = module(batch)
+        scaler.scale(sum(losses.values())).backward()
+        if clip_value is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip_value, clip.NORM_TYPE)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return batch, step
+
+
 def run_measurement(spec: Dict) -> Dict:
-    """Times `warmup` untimed and `iters` timed iterations. Returns ms_per_iter (mean),
-    ms_per_iter_min, images_per_s, iters_per_s, peak_mem_mib (CUDA: max_memory_allocated; CPU:
-    peak RSS increase over the built model) and the deformable-attention backend used."""
+    """Times `warmup` untimed and `iters` timed iterations of the eager model and, alternating
+    with it in this process, of the compiled model (spec "compile") and of Keypoint R-CNN
+    (spec "compare" == "keypoint_rcnn", inference). Returns for the eager model ms_per_iter
+    (mean), ms_per_iter_min, images_per_s, iters_per_s, peak_mem_mib (CUDA:
+    max_memory_allocated; CPU: peak RSS increase over the built model), the deformable-attention
+    backend and "stages" (mean ms per stage); "compiled" and "keypoint_rcnn" hold ms_per_iter
+    and ms_per_iter_min of the others (plus compile_s, the first compiled call, and boxes, the
+    mean person boxes per image its keypoint head ran on)."""
     device, precision, train = spec["device"], spec["precision"], spec["mode"] == "train"
     if precision not in ("fp32", *AUTOCAST_DTYPES):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     if precision == "fp16" and not device.startswith("cuda"):
         raise ValueError("fp16 autocast is only benchmarked on CUDA; use bf16 on CPU")
+    compare = spec.get("compare")
+    if compare not in (None, "keypoint_rcnn"):
+        raise ValueError(f"compare must be None or 'keypoint_rcnn', got {compare!r}")
+    if compare and train:
+        raise ValueError("the Keypoint R-CNN comparison times inference only")
     cfg, model = _build(spec)
     model.train(train)
-    batch = synthetic_batch(
-        model.num_keypoints, spec["height"], spec["width"], spec["batch_size"], train
-    )
-    autocast = torch.autocast(
-        device.split(":")[0],
-        dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
-        enabled=precision != "fp32",
-    )
-    if train:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=1e-4)
-        scaler = torch.cuda.amp.GradScaler(enabled=precision == "fp16")
-        clip = cfg.SOLVER.CLIP_GRADIENTS
-        clip_value = clip.CLIP_VALUE if clip.ENABLED and clip.CLIP_TYPE == "full_model" else None
+    batch, step = _steps(spec, cfg, model)
+    runners = {"eager": lambda: step(model)}
+    if spec.get("compile"):
+        backend = spec.get("compile_backend", "inductor")
+        mode = (
+            (spec.get("compile_mode") or cfg.MODEL.PETR.COMPILE.MODE)
+            if backend == "inductor"
+            else None
+        )
+        compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
+        runners["compiled"] = lambda: step(compiled)
+    if compare:
+        krcnn = KeypointRCNNRunner(device, spec.get("kpt_boxes", 20))
+        krcnn_batch = keypoint_rcnn_batch(batch)
+        boxes = []
 
-    def step():
-        if train:
-            with autocast:
-                losses = model(batch)
-            scaler.scale(sum(losses.values())).backward()
-            if clip_value is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip_value, clip.NORM_TYPE)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad(), autocast:
-                model(batch)
+        def run_krcnn():
+            with torch.no_grad(), _autocast(device, precision):
+                out = krcnn(krcnn_batch)
+            boxes.extend(o["instances"].pred_keypoints.shape[0] for o in out)
+
+        runners["keypoint_rcnn"] = run_krcnn
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mib()
-    for _ in range(spec["warmup"]):
-        step()
+    first_call = {}
+    for name, run in runners.items():
+        first_call[name] = _timed(run, device)
+        for _ in range(spec["warmup"] - 1):
+            run()
     _sync(device)
-    times = []
-    for _ in range(spec["iters"]):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    timer = StageTimer(model, device)
+    times = {name: [] for name in runners}
+    for _ in range(spec["iters"]):  # alternate, so that machine load hits every model alike
+        for name, run in runners.items():
+            if name == "eager":
+                with timer:
+                    times[name].append(_timed(run, device))
+            else:
+                times[name].append(_timed(run, device))
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _rss_mib() - rss_before
-    mean = sum(times) / len(times)
-    return {
-        "ms_per_iter": 1000.0 * mean,
-        "ms_per_iter_min": 1000.0 * min(times),
+    eager = _stats(times["eager"])
+    mean = eager["ms_per_iter"] / 1000.0
+    result = {
+        **eager,
         "iters_per_s": 1.0 / mean,
         "images_per_s": spec["batch_size"] / mean,
         "peak_mem_mib": peak,
         "deform_attn": deform_attn_backend(device.split(":")[0]),
         "threads": torch.get_num_threads(),
+        "stages": timer.mean_ms(),
     }
+    if "compiled" in runners:
+        result["compiled"] = {**_stats(times["compiled"]), "compile_s": first_call["compiled"]}
+    if compare:
+        result["keypoint_rcnn"] = {
+            **_stats(times["keypoint_rcnn"]),
+            "boxes": sum(boxes) / max(len(boxes), 1),
+        }
+    return result
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 from ..checkpoint.checkpointer import PETRCheckpointer
 from ..config import check_device
 from ..data.transforms import build_petr_augmentation
+from ..modeling.compile import compile_model
 from ..modeling.test_time_augmentation import PETRWithTTA
 
 __all__ = ["PETRPredictor", "VisualizationDemo", "draw_poses"]
@@ -26,7 +27,8 @@ class PETRPredictor(DefaultPredictor):
     image in, one output dict out) with PETR's test resize: short side INPUT.MIN_SIZE_TEST, long
     side <= INPUT.MAX_SIZE_TEST, mmcv rounding, cv2 bilinear. With TEST.AUG.ENABLED the model is
     wrapped in `PETRWithTTA`, which resizes the original image to each of its own scales.
-    Outputs are in original-image pixels."""
+    With MODEL.PETR.COMPILE.ENABLED the model runs under torch.compile. Outputs are in
+    original-image pixels."""
 
     def __init__(self, cfg, config_file=None):
         # DefaultPredictor.__init__ with PETR's checks and checkpointer (official checkpoints,
@@ -40,6 +42,7 @@ class PETRPredictor(DefaultPredictor):
             cfg.MODEL.WEIGHTS
         )
         self.input_format = cfg.INPUT.FORMAT
+        compile_model(self.model, cfg)  # MODEL.PETR.COMPILE
         self.augmentations = T.AugmentationList(build_petr_augmentation(cfg, is_train=False))
         if cfg.TEST.AUG.ENABLED:
             self.model = PETRWithTTA(cfg, self.model).eval()

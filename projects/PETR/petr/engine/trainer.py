@@ -13,7 +13,8 @@ Differences from DefaultTrainer:
 - PETRCheckpointer (official opera checkpoints as MODEL.WEIGHTS, safe loading, partial-load
   check);
 - clear errors before any work: MODEL.DEVICE cuda without CUDA, a TEST dataset whose number of
-  keypoints differs from the model's.
+  keypoints differs from the model's;
+- torch.compile when MODEL.PETR.COMPILE.ENABLED (build_model).
 """
 
 import logging
@@ -39,6 +40,7 @@ from ..data.dataset_mapper import PETRDatasetMapper
 from ..data.metadata import num_keypoints_from_metadata
 from ..data.training_images import petr_train_dataset_dicts
 from ..evaluation import ReadImagesOnly, build_keypoint_evaluator
+from ..modeling.compile import compile_model
 from ..modeling.test_time_augmentation import PETRWithTTA
 from .solver import build_petr_optimizer
 
@@ -111,8 +113,10 @@ class PETRTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
+        """DefaultTrainer's model, after the MODEL.DEVICE check, compiled in place when
+        MODEL.PETR.COMPILE.ENABLED (training and --eval-only both build the model here)."""
         check_device(cfg)
-        return super().build_model(cfg)
+        return compile_model(super().build_model(cfg), cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

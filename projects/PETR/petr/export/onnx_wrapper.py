@@ -124,6 +124,9 @@ def export_petr_onnx(
         # The tracer warns wherever a shape becomes a constant: the fixed size is by design.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="ms_deform_attn")
+        # One eager run first: the model's own errors (e.g. too few encoder tokens) surface as
+        # they are instead of wrapped in the exporter's TorchExportError.
+        wrapper(dummy)
         torch.onnx.export(
             wrapper,
             (dummy,),

@@ -5,8 +5,8 @@ https://github.com/fundamentalvision/Deformable-DETR); the kernels in `csrc/` ar
 
 Shapes (the de-facto standard of Deformable DETR):
     value               (N, S, M, D)         S = sum_l H_l * W_l
-    spatial_shapes      (L, 2) int64          (H_l, W_l) of each level
-    level_start_index   (L,)   int64          exclusive cumsum of H_l * W_l
+    spatial_shapes      (L, 2) int64 tensor, or L (H_l, W_l) pairs of Python ints
+    level_start_index   (L,)   int64 tensor, or L Python ints: exclusive cumsum of H_l * W_l
     sampling_locations  (N, Q, M, L, P, 2)    normalised (x, y); [0, 1] spans the level
     attention_weights   (N, Q, M, L, P)
     returns             (N, Q, M * D)
@@ -16,12 +16,19 @@ Sampling is bilinear with zero padding and pixel centres at (i + 0.5) / size
 Backends: `petr._C` CPU kernel (float32/float64) for CPU tensors, its CUDA kernel (float16,
 bfloat16, float32, float64; accumulates in float32 or float64) for CUDA tensors. When `petr._C`
 is missing or lacks the backend, `ms_deform_attn` warns once and runs the pure-PyTorch reference.
+On torch >= 2.4 the kernels are the custom op `torch.ops.petr.ms_deform_attn` (fake tensor and
+autograd registered, so torch.compile traces through it); on older torch an autograd Function.
 """
 
 import warnings
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from petr.utils.compat import HAS_CUSTOM_OP
+
+from .ms_deform_attn_checks import check_ms_deform_attn_inputs
 
 __all__ = [
     "MSDeformAttnFunction",
@@ -31,118 +38,12 @@ __all__ = [
     "ms_deform_attn_reference",
 ]
 
-_SUPPORTED_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-}
 _REQUIRED_EXT_FUNCS = (
     "ms_deform_attn_forward",
     "ms_deform_attn_backward",
     "has_cuda",
     "cpu_kernel_is_parallel",
 )
-
-
-def check_ms_deform_attn_inputs(
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step=64
-):
-    """Validate the op's inputs (shapes in the module docstring) for every backend.
-
-    Raises TypeError (wrong type or dtype) or ValueError (shape, device, layout or level sizes),
-    naming the argument at fault. Returns the level sizes as a list of (H, W) ints; reading them
-    costs one device-to-host copy of the (small) index tensors for CUDA inputs.
-    """
-    args = {
-        "value": value,
-        "spatial_shapes": spatial_shapes,
-        "level_start_index": level_start_index,
-        "sampling_locations": sampling_locations,
-        "attention_weights": attention_weights,
-    }
-    for name, t in args.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}"
-            )
-    if isinstance(im2col_step, bool) or not isinstance(im2col_step, int) or im2col_step <= 0:
-        raise ValueError(f"ms_deform_attn: im2col_step must be a positive int, got {im2col_step!r}")
-    if value.dim() != 4:
-        raise ValueError(
-            f"ms_deform_attn: value must be (N, S, M, D), got shape {tuple(value.shape)}"
-        )
-    device = value.device
-    allowed = _SUPPORTED_DTYPES.get(device.type)
-    if not value.is_floating_point() or (allowed is not None and value.dtype not in allowed):
-        names = ", ".join(str(d) for d in allowed) if allowed else "floating point"
-        raise TypeError(
-            f"ms_deform_attn: value dtype {value.dtype} is not supported on {device.type} "
-            f"(supported: {names})"
-        )
-    for name in ("sampling_locations", "attention_weights"):
-        if args[name].dtype != value.dtype:
-            raise TypeError(
-                f"ms_deform_attn: {name} has dtype {args[name].dtype} but value has {value.dtype}; "
-                "they must match"
-            )
-    for name in ("spatial_shapes", "level_start_index"):
-        if args[name].dtype != torch.int64:
-            raise TypeError(f"ms_deform_attn: {name} must be int64, got {args[name].dtype}")
-    for name, t in args.items():
-        if t.device != device:
-            raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {device}")
-        if not t.is_contiguous():
-            raise ValueError(f"ms_deform_attn: {name} must be contiguous")
-
-    N, S, M, _ = value.shape
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] == 0:
-        raise ValueError(
-            "ms_deform_attn: spatial_shapes must be (L, 2) with L >= 1, "
-            f"got shape {tuple(spatial_shapes.shape)}"
-        )
-    L = spatial_shapes.shape[0]
-    if tuple(level_start_index.shape) != (L,):
-        raise ValueError(
-            f"ms_deform_attn: level_start_index must be (L,) = ({L},), "
-            f"got shape {tuple(level_start_index.shape)}"
-        )
-    loc_shape = tuple(sampling_locations.shape)
-    if (
-        len(loc_shape) != 6
-        or loc_shape[0] != N
-        or loc_shape[2] != M
-        or loc_shape[3] != L
-        or loc_shape[5] != 2
-    ):
-        raise ValueError(
-            f"ms_deform_attn: sampling_locations must be (N, Q, M, L, P, 2) with N={N}, M={M}, "
-            f"L={L}, got shape {loc_shape}"
-        )
-    if tuple(attention_weights.shape) != loc_shape[:5]:
-        raise ValueError(
-            f"ms_deform_attn: attention_weights must be (N, Q, M, L, P) = {loc_shape[:5]}, "
-            f"got shape {tuple(attention_weights.shape)}"
-        )
-
-    # One transfer for both index tensors (a single sync on CUDA).
-    flat = torch.cat([spatial_shapes.flatten(), level_start_index]).tolist()
-    sizes = [(flat[2 * i], flat[2 * i + 1]) for i in range(L)]
-    total = 0
-    for lvl, (h, w) in enumerate(sizes):
-        if h <= 0 or w <= 0:
-            raise ValueError(
-                f"ms_deform_attn: spatial_shapes[{lvl}] must be positive, got ({h}, {w})"
-            )
-        if flat[2 * L + lvl] != total:
-            raise ValueError(
-                f"ms_deform_attn: level_start_index[{lvl}] is {flat[2 * L + lvl]} but the levels "
-                f"before it hold {total} tokens"
-            )
-        total += h * w
-    if total != S:
-        raise ValueError(
-            f"ms_deform_attn: spatial_shapes {sizes} cover {total} tokens but value has S={S}"
-        )
-    return sizes
 
 
 def _reference(value, sizes, sampling_locations, attention_weights):
@@ -193,6 +94,9 @@ def _load_ext():
 
 
 _C, _C_ERROR = _load_ext()
+# Read once: pybind calls inside a traced function would break torch.compile's graph.
+_C_HAS_CUDA = _C is not None and bool(_C.has_cuda())
+_C_CPU_PARALLEL = _C is not None and bool(_C.cpu_kernel_is_parallel())
 _warned = set()
 
 
@@ -203,7 +107,7 @@ def _missing_backend(device_type: str):
     if device_type == "cpu":
         return None
     if device_type == "cuda":
-        return None if _C.has_cuda() else "petr._C was built without CUDA"
+        return None if _C_HAS_CUDA else "petr._C was built without CUDA"
     return f"petr._C has no {device_type} kernel"
 
 
@@ -221,7 +125,8 @@ def _warn_once(key: str, message: str) -> None:
 
 
 class MSDeformAttnFunction(torch.autograd.Function):
-    """Autograd wrapper of the compiled kernels; inputs must already be validated."""
+    """Autograd wrapper of the compiled kernels; inputs must already be validated. The op of
+    the floor stack (torch < 2.4); newer torch runs the `petr::ms_deform_attn` custom op."""
 
     @staticmethod
     def forward(
@@ -245,12 +150,93 @@ class MSDeformAttnFunction(torch.autograd.Function):
         return grad_value, None, None, grad_loc, grad_attn, None
 
 
+def _index_tensors(sizes: List[int], device):
+    """Flat [H_0, W_0, H_1, ...] ints -> the kernels' (L, 2) shapes and (L,) start tensors."""
+    shapes = torch.tensor(sizes, dtype=torch.int64).view(-1, 2)
+    areas = shapes[:, 0] * shapes[:, 1]
+    start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    return shapes.to(device, non_blocking=True), start.to(device, non_blocking=True)
+
+
+if HAS_CUSTOM_OP:
+    # The level sizes travel as ints: they are graph constants for torch.compile, and the
+    # kernels' index tensors are built on the host, so no device value is ever read back.
+
+    @torch.library.custom_op("petr::ms_deform_attn", mutates_args=())
+    def _msda_op(
+        value: torch.Tensor,
+        sizes: List[int],
+        sampling_locations: torch.Tensor,
+        attention_weights: torch.Tensor,
+        im2col_step: int,
+    ) -> torch.Tensor:
+        shapes, start = _index_tensors(sizes, value.device)
+        loc, attn = sampling_locations.contiguous(), attention_weights.contiguous()
+        return _C.ms_deform_attn_forward(value.contiguous(), shapes, start, loc, attn, im2col_step)
+
+    @_msda_op.register_fake
+    def _(value, sizes, sampling_locations, attention_weights, im2col_step):
+        N, _, M, D = value.shape
+        return value.new_empty(N, sampling_locations.shape[1], M * D)
+
+    @torch.library.custom_op("petr::ms_deform_attn_backward", mutates_args=())
+    def _msda_backward_op(
+        value: torch.Tensor,
+        sizes: List[int],
+        sampling_locations: torch.Tensor,
+        attention_weights: torch.Tensor,
+        grad_output: torch.Tensor,
+        im2col_step: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shapes, start = _index_tensors(sizes, value.device)
+        loc, attn = sampling_locations.contiguous(), attention_weights.contiguous()
+        grads = _C.ms_deform_attn_backward(
+            value.contiguous(), shapes, start, loc, attn, grad_output.contiguous(), im2col_step
+        )
+        return tuple(grads)
+
+    @_msda_backward_op.register_fake
+    def _(value, sizes, sampling_locations, attention_weights, grad_output, im2col_step):
+        return (
+            torch.empty_like(value),
+            torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        value, sizes, loc, attn, step = inputs
+        ctx.sizes, ctx.im2col_step = sizes, step
+        ctx.save_for_backward(value, loc, attn)
+
+    def _backward(ctx, grad_output):
+        value, loc, attn = ctx.saved_tensors
+        grad_value, grad_loc, grad_attn = _msda_backward_op(
+            value, ctx.sizes, loc, attn, grad_output, ctx.im2col_step
+        )
+        return grad_value, None, grad_loc, grad_attn, None
+
+    _msda_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel(value, sizes, sampling_locations, attention_weights, im2col_step):
+    """The compiled kernel on validated inputs; `sizes` lists (H, W) per level."""
+    flat = [s for hw in sizes for s in hw]
+    if HAS_CUSTOM_OP:
+        return _msda_op(value, flat, sampling_locations, attention_weights, im2col_step)
+    shapes, start = _index_tensors(flat, value.device)
+    return MSDeformAttnFunction.apply(
+        value, shapes, start, sampling_locations, attention_weights, im2col_step
+    )
+
+
 def ms_deform_attn(
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step=64
 ):
     """Deformable attention on the compiled kernel of the inputs' device, else the reference.
 
     Shapes and coordinate convention: see the module docstring; returns (N, Q, M * D).
+    Give spatial_shapes and level_start_index as Python ints to keep the call free of host
+    syncs (and torch.compile graphs whole); tensors are read on the host once per call.
     `im2col_step` is kept for API compatibility with Deformable DETR; the kernels process the
     whole batch in one pass, so it does not change results or memory.
     """
@@ -266,12 +252,10 @@ def ms_deform_attn(
             "Rebuild with `pip install --no-build-isolation --no-deps -e .` to get the kernel.",
         )
         return _reference(value, sizes, sampling_locations, attention_weights)
-    if device_type == "cpu" and torch.get_num_threads() > 1 and not _C.cpu_kernel_is_parallel():
+    if device_type == "cpu" and not _C_CPU_PARALLEL and torch.get_num_threads() > 1:
         _warn_once(
             "cpu-serial",
             "ms_deform_attn: petr._C was compiled without OpenMP, so its CPU kernel runs on one "
             "thread; rebuild it with -fopenmp.",
         )
-    return MSDeformAttnFunction.apply(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step
-    )
+    return _kernel(value, sizes, sampling_locations, attention_weights, im2col_step)

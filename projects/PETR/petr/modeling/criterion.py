@@ -27,6 +27,9 @@ from .losses import (
 )
 from .matcher import PETRHungarianMatcher, validate_targets
 
+# Drawn with Python loops on the host: torch.compile runs it eagerly (one graph break).
+_host_heatmap_targets = torch.compiler.disable(build_heatmap_targets)
+
 LOSS_WEIGHT_KEYS = ("cls", "kpt", "oks", "hm", "kpt_refine", "oks_refine", "cls_enc", "kpt_enc")
 
 
@@ -282,7 +285,11 @@ class PETRCriterion(nn.Module):
         for b, t in enumerate(targets):
             if "boxes" not in t:
                 raise KeyError(f"targets[{b}] has no 'boxes' (needed for the heatmap radius)")
-        target = build_heatmap_targets(
-            [t["keypoints"] for t in targets], [t["boxes"] for t in targets], logits.shape[2:]
-        ).to(logits.device)
+        # Drawn on the host: take the host copies when the caller kept them (PETR does), so
+        # the device keypoints and boxes are not read back.
+        target = _host_heatmap_targets(
+            [t.get("host_keypoints", t["keypoints"]) for t in targets],
+            [t.get("host_boxes", t["boxes"]) for t in targets],
+            logits.shape[2:],
+        ).to(logits.device, non_blocking=True)
         return center_focal_loss(logits, target, mask.to(device=logits.device, dtype=torch.bool))

@@ -3,7 +3,8 @@
 Follows the official implementation (hikvision-research/opera `PoseHungarianAssigner` with mmdet
 `FocalLossCost`, opera `KptL1Cost` and `OksCost`):
     C = w_cls * focal cost + w_kpt * mean |dxy| over visible coords + w_oks * (-OKS in pixels)
-minimised per image by scipy's `linear_sum_assignment` on CPU.
+minimised per image by scipy's `linear_sum_assignment` on CPU. The cost matrices of the whole
+batch reach the host in one transfer (one sync per matching, not one per image).
 
 Difference from the official code, by design: ground-truth people with no visible joint are left
 out of the matching (they stay unmatched, i.e. neither positives nor L1/OKS targets). The official
@@ -13,6 +14,7 @@ not crash training, and a pose without joints carries no keypoint supervision an
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -27,7 +29,9 @@ _MAX_CHUNK_ELEMENTS = 1 << 22
 
 
 def validate_targets(targets: Sequence[dict], num_images: int, num_keypoints: int) -> None:
-    """Raise a clear error if `targets` does not hold `num_images` well-formed dicts."""
+    """Raise a clear error if `targets` does not hold `num_images` well-formed dicts (shapes
+    and keys only: reading values would sync the device; the matcher checks the areas of the
+    people it matches on the host)."""
     if len(targets) != num_images:
         raise ValueError(f"targets: expected {num_images} dicts (1 per image), got {len(targets)}")
     for b, t in enumerate(targets):
@@ -46,9 +50,6 @@ def validate_targets(targets: Sequence[dict], num_images: int, num_keypoints: in
             )
         if len(t["image_size"]) != 2:
             raise ValueError(f"targets[{b}]['image_size'] must be (h, w), got {t['image_size']}")
-        has_joint = (kpts[..., 2] > 0).any(1).to(areas.device)
-        if not bool((areas[has_joint] > 0).all()):
-            raise ValueError(f"targets[{b}]['areas'] must be > 0 for people with visible joints")
 
 
 class PETRHungarianMatcher(nn.Module):
@@ -78,6 +79,8 @@ class PETRHungarianMatcher(nn.Module):
     def num_keypoints(self) -> int:
         return self.oks_sigmas.numel()
 
+    # scipy on the host: torch.compile runs the matcher eagerly (one graph break per call)
+    @torch.compiler.disable
     @torch.no_grad()
     def forward(self, logits: Tensor, kpts: Tensor, targets: Sequence[dict]) -> list:
         """Match every image of the batch.
@@ -102,25 +105,41 @@ class PETRHungarianMatcher(nn.Module):
                 f"{tuple(logits.shape)} and {num_kpts} OKS sigmas, got {tuple(kpts.shape)}"
             )
         validate_targets(targets, logits.shape[0], num_kpts)
+        device, num_queries = logits.device, logits.shape[1]
+        pieces, people = [], []
+        for b, target in enumerate(targets):
+            gt = target["keypoints"].to(device=device, dtype=torch.float32)
+            areas = target["areas"].to(device=device, dtype=torch.float32)
+            people.append(gt.shape[0])
+            if gt.shape[0] and num_queries:
+                # every person, also those without a visible joint (dropped on the host below)
+                cost = self.cost_matrix(logits[b, :, 0], kpts[b], gt, areas, target["image_size"])
+            else:
+                cost = logits.new_zeros(0)
+            pieces += [cost.flatten(), (gt[..., 2] > 0).any(1).float(), areas]
+        host = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0)  # the one transfer
+        sizes = [n for g in people for n in (num_queries * g, g, g)]
+        chunks = np.split(host, np.cumsum(sizes)[:-1]) if sizes else []
         return [
-            self._match_image(logits[b, :, 0], kpts[b], target) for b, target in enumerate(targets)
+            self._assign(b, *chunks[3 * b : 3 * b + 3], num_queries, device)
+            for b in range(len(targets))
         ]
 
-    def _match_image(self, logits: Tensor, kpts: Tensor, target: dict) -> tuple[Tensor, Tensor]:
-        device = logits.device
-        gt = target["keypoints"].to(device=device, dtype=torch.float32)
-        keep = (gt[..., 2] > 0).any(1).nonzero().squeeze(1)  # people with >= 1 visible joint
-        if keep.numel() == 0 or logits.numel() == 0:
+    @staticmethod
+    def _assign(b, cost, has_joint, areas, num_queries, device) -> tuple[Tensor, Tensor]:
+        """Hungarian assignment of image b on the host, among its people with a visible joint."""
+        keep = np.flatnonzero(has_joint > 0)
+        if not (areas[keep] > 0).all():
+            raise ValueError(f"targets[{b}]['areas'] must be > 0 for people with visible joints")
+        if keep.size == 0 or num_queries == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return empty, empty.clone()
-        gt = gt[keep]
-        areas = target["areas"].to(device=device, dtype=torch.float32)[keep]
-        cost = self.cost_matrix(logits, kpts, gt, areas, target["image_size"]).cpu()
-        if not bool(torch.isfinite(cost).all()):
+        cost = cost.reshape(num_queries, -1)[:, keep]
+        if not np.isfinite(cost).all():
             raise FloatingPointError("matcher: the cost matrix has NaN/inf (predictions diverged?)")
-        rows, cols = linear_sum_assignment(cost.numpy())
+        rows, cols = linear_sum_assignment(cost)
         pred_idx = torch.as_tensor(rows, dtype=torch.int64, device=device)
-        return pred_idx, keep[torch.as_tensor(cols, dtype=torch.int64, device=device)]
+        return pred_idx, torch.as_tensor(keep[cols], dtype=torch.int64, device=device)
 
     def cost_matrix(
         self, logits: Tensor, kpts: Tensor, gt: Tensor, areas: Tensor, image_size

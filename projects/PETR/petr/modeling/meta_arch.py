@@ -166,10 +166,23 @@ class PETR(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise each image, then zero-pad the batch bottom/right (the official collate)."""
+        """Normalise each image, then zero-pad the batch bottom/right (the official collate).
+
+        Same result as ImageList.from_tensors(images, size_divisibility, 0.0), but sizes stay
+        Python ints (from_tensors turns them into tensors and reads them back, which breaks
+        torch.compile's graph)."""
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
                   for x in batched_inputs]  # fmt: skip
-        return ImageList.from_tensors(images, self.size_divisibility, pad_value=0.0)
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        d = max(self.size_divisibility, 1)
+        H = -(-max(h for h, _ in sizes) // d) * d
+        W = -(-max(w for _, w in sizes) // d) * d
+        if len(images) == 1 and sizes[0] == (H, W):
+            return ImageList(images[0][None], sizes)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], H, W))
+        for img, (h, w), dst in zip(images, sizes, batch):
+            dst[:, :h, :w] = img
+        return ImageList(batch, sizes)
 
     def encode(self, images: ImageList):
         """Backbone, neck and deformable encoder. Returns the EncoderMemory."""
@@ -213,6 +226,9 @@ class PETR(nn.Module):
                     "areas": inst.gt_areas.float(),
                     "boxes": inst.gt_boxes.tensor,
                     "image_size": tuple(size),
+                    # the heatmap targets are drawn on the host: keep the loader's copies
+                    "host_keypoints": x["instances"].gt_keypoints.tensor,
+                    "host_boxes": x["instances"].gt_boxes.tensor,
                 }
             )
         return targets

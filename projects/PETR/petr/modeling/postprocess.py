@@ -63,7 +63,8 @@ def oks_nms(keypoints: torch.Tensor, scores: torch.Tensor, sigmas: torch.Tensor,
     wh = kpts.amax(1) - kpts.amin(1)
     oks = pose_oks(kpts, kpts, sigmas.to(kpts), wh[:, 0] * wh[:, 1])  # (N, N), row = kept pose
     suppressed = torch.zeros(len(order), dtype=torch.bool, device=order.device)
-    for i in range(len(order)):
-        if not suppressed[i]:
-            suppressed[i + 1 :] |= oks[i, i + 1 :] > threshold
+    # Tensor ops only (no `if suppressed[i]`): a suppressed pose suppresses nothing, and no
+    # value is read on the host until the final (data-dependent) selection.
+    for i in range(len(order) - 1):
+        suppressed[i + 1 :] |= (oks[i, i + 1 :] > threshold) & ~suppressed[i]
     return order[~suppressed]

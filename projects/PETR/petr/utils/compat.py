@@ -96,3 +96,8 @@ def torch_load(path, map_location="cpu", placeholders: bool = False):
         weights_only=False,
         pickle_module=_restricted_pickle_module(),
     )
+
+
+# torch.library.custom_op / register_fake / register_autograd arrived in torch 2.4; before that
+# the deformable-attention kernels are wrapped in a plain autograd.Function (opaque to dynamo).
+HAS_CUSTOM_OP = TORCH_VERSION >= (2, 4) and hasattr(torch.library, "custom_op")

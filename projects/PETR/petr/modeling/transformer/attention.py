@@ -60,7 +60,7 @@ class _DeformAttnBase(nn.Module):
         """value (B, S, C) -> (B, S, M, C / M), padded tokens zeroed."""
         v = self.value_proj(value)
         if padding_mask is not None:
-            v = v.masked_fill(padding_mask[..., None], 0.0)
+            v = v.masked_fill_(padding_mask[..., None], 0.0)  # in place: a fresh Linear output
         return v.view(v.shape[0], v.shape[1], self.num_heads, -1)
 
     def offsets_and_weights(self, query: torch.Tensor):
@@ -102,7 +102,8 @@ class _DeformAttnBase(nn.Module):
             query, query_pos, reference_points, spatial_shapes
         )
         v = self.project_value(value, padding_mask)
-        return query + self.attend(v, spatial_shapes, level_start_index, locations, weights)
+        # the residual add writes into the fresh attention output
+        return self.attend(v, spatial_shapes, level_start_index, locations, weights).add_(query)
 
     def forward_grouped(
         self,
@@ -166,12 +167,13 @@ class PETRMSDeformAttn(_DeformAttnBase):
             self.sampling_offsets.bias.copy_(grid.view(-1))
 
     def sampling_locations(self, offsets, reference_points, spatial_shapes):
-        """reference_points (B, Q, L, 2) normalised (x, y) -> locations (B, Q, M, L, P, 2)."""
+        """reference_points (B, Q, L, 2) normalised (x, y) -> locations (B, Q, M, L, P, 2);
+        spatial_shapes: L (H_l, W_l) int pairs."""
         # offsets are in pixels of each level: divide by (W_l, H_l)
-        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-        return (
+        normalizer = offsets.new_tensor([[w, h] for h, w in spatial_shapes])
+        # ref + offsets / normalizer, in place in the fresh offsets (no temporaries)
+        return offsets.div_(normalizer[None, None, None, :, None]).add_(
             reference_points[:, :, None, :, None, :]
-            + offsets / normalizer[None, None, None, :, None, :]
         )
 
 

@@ -42,9 +42,12 @@ class PostNormLayer(nn.Module):
         self.ffn_dropout2 = nn.Dropout(dropout)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """x + drop(linear2(drop(relu(linear1(x))))), before the layer's last norm."""
-        h = self.ffn_dropout1(torch.relu(self.linear1(x)))
-        return x + self.ffn_dropout2(self.linear2(h))
+        """x + drop(linear2(drop(relu(linear1(x))))), before the layer's last norm.
+
+        ReLU and the residual add write into the fresh Linear outputs (no (B, S, F) copies);
+        autograd allows it: Linear's and dropout's backward do not read their outputs."""
+        h = self.ffn_dropout1(torch.relu_(self.linear1(x)))
+        return self.ffn_dropout2(self.linear2(h)).add_(x)
 
 
 def xavier_init_(module: nn.Module) -> None:

@@ -2,7 +2,7 @@
 MultiScaleDeformableAttention), following hikvision-research/opera's PETRTransformer."""
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,16 +16,18 @@ class EncoderMemory:
     """The flattened multi-level features every later stage reads.
 
     memory (B, S, C) encoder output; padding_mask (B, S) True on padding; pos (B, S, C) position
-    + level embedding; spatial_shapes (L, 2) int64 (H_l, W_l); level_start_index (L,) int64;
-    valid_ratios (B, L, 2) as (valid W / W_l, valid H / H_l); reference_points (B, S, L, 2)
-    normalised (x, y) token centres, already multiplied by the valid ratios.
+    + level embedding; spatial_shapes L (H_l, W_l) pairs and level_start_index L ints, plain
+    Python ints so that no stage reads a level size back from a tensor (no host sync, static
+    shapes for torch.compile); valid_ratios (B, L, 2) as (valid W / W_l, valid H / H_l);
+    reference_points (B, S, L, 2) normalised (x, y) token centres, already multiplied by the
+    valid ratios.
     """
 
     memory: torch.Tensor
     padding_mask: torch.Tensor
     pos: torch.Tensor
-    spatial_shapes: torch.Tensor
-    level_start_index: torch.Tensor
+    spatial_shapes: Tuple[Tuple[int, int], ...]
+    level_start_index: Tuple[int, ...]
     valid_ratios: torch.Tensor
     reference_points: torch.Tensor
 
@@ -47,9 +49,10 @@ class PETREncoderLayer(PostNormLayer):
 
 
 def encoder_reference_points(spatial_shapes, valid_ratios):
-    """Token centres of every level, normalised by the valid size: (B, S, L, 2) (x, y)."""
+    """Token centres of every level, normalised by the valid size: (B, S, L, 2) (x, y).
+    spatial_shapes: L (H_l, W_l) int pairs."""
     refs = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(spatial_shapes):
         dev = valid_ratios.device
         ref_y, ref_x = torch.meshgrid(
             torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=dev),
@@ -102,7 +105,7 @@ class PETRTransformerEncoder(nn.Module):
         (B, C, H_l, W_l). Returns the encoded, flattened memory."""
         src, mask_flat, pos_flat, shapes = [], [], [], []
         for lvl, (f, m, p) in enumerate(zip(features, masks, pos)):
-            shapes.append(f.shape[-2:])
+            shapes.append((int(f.shape[-2]), int(f.shape[-1])))
             src.append(f.flatten(2).transpose(1, 2))  # (B, H*W, C)
             mask_flat.append(m.flatten(1))
             pos_flat.append(p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
@@ -111,10 +114,11 @@ class PETRTransformerEncoder(nn.Module):
             torch.cat(mask_flat, 1),
             torch.cat(pos_flat, 1),
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
-        level_start_index = torch.cat(
-            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
-        )
+        spatial_shapes = tuple(shapes)
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        level_start_index = tuple(starts)
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         x = src

@@ -33,7 +33,7 @@ class PETRHeatmapHead(nn.Module):
     def forward(self, enc: EncoderMemory):
         """Returns logits (B, K, H0, W0) at the first (stride-8) level and its padding mask
         (B, H0, W0), True on padding."""
-        h, w = enc.spatial_shapes[0].tolist()
+        h, w = enc.spatial_shapes[0]
         n = h * w
         x = enc.memory[:, :n]
         mask = enc.padding_mask[:, :n]

@@ -45,14 +45,13 @@ class PETRJointDecoder(nn.Module):
 
         Returns the refined keypoints of every layer, (Lj, N, K, 2) normalised (x, y)."""
         N = kpts.shape[0]
-        img_inds = torch.repeat_interleave(
-            torch.arange(len(counts), device=kpts.device),
-            torch.as_tensor(counts, device=kpts.device),
-        )
         pos, x = self.query_embed.weight.split(self.query_embed.weight.shape[1] // 2, dim=1)
         pos = pos[None].expand(N, -1, -1)
         x = x[None].expand(N, -1, -1)
-        ratios = enc.valid_ratios[img_inds][:, None]  # (N, 1, L, 2)
+        # each pose gets its image's ratios: (N, 1, L, 2), from the host-side counts (no sync)
+        ratios = torch.cat(
+            [enc.valid_ratios[b : b + 1].expand(n, -1, -1) for b, n in enumerate(counts)]
+        )[:, None]
         ref = kpts.detach().view(N, -1, 2)
         outputs = []
         for layer, kpt_head in zip(self.layers, self.kpt_heads):

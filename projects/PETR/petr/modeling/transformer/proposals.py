@@ -16,10 +16,11 @@ from .encoder import EncoderMemory
 
 def token_centre_logits(padding_mask, spatial_shapes):
     """Logit of every token's centre, normalised by its level's valid size: (B, S, 2) (x, y),
-    and (B, S) True where the token is usable (not padding, centre inside (0.01, 0.99))."""
+    and (B, S) True where the token is usable (not padding, centre inside (0.01, 0.99)).
+    spatial_shapes: L (H_l, W_l) int pairs."""
     B = padding_mask.shape[0]
     centres, start = [], 0
-    for h, w in spatial_shapes.tolist():
+    for h, w in spatial_shapes:
         m = padding_mask[:, start : start + h * w].view(B, h, w)
         valid_h = (~m[:, :, 0]).sum(1)
         valid_w = (~m[:, 0, :]).sum(1)

@@ -1,0 +1,62 @@
+"""MODEL.PETR.COMPILE: the trainer (training and --eval-only) and the demo predictor compile the
+model in place, and the compiled model keeps official parity (tests/data/opera_tiny)."""
+
+import os
+
+import pytest
+import torch
+from petr_testing import OPERA_TINY, opera_tiny_cfg
+from test_opera_parity import _load_model
+
+from petr.checkpoint.opera_converter import convert_opera_checkpoint
+from petr.engine import PETRTrainer
+from petr.modeling.compile import compile_model
+
+
+def _is_compiled(model):
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
+def test_compile_is_off_by_default_and_on_when_asked():
+    cfg = opera_tiny_cfg()
+    assert not _is_compiled(PETRTrainer.build_model(cfg))
+    cfg.MODEL.PETR.COMPILE.ENABLED = True
+    model = PETRTrainer.build_model(cfg)
+    assert _is_compiled(model)
+    assert type(model).__name__ == "PETR"  # compiled in place: same class and state-dict keys
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_unknown_compile_mode_is_rejected():
+    cfg = opera_tiny_cfg()
+    cfg.MODEL.PETR.COMPILE.ENABLED = True
+    cfg.MODEL.PETR.COMPILE.MODE = "fastest"
+    with pytest.raises(ValueError, match="MODEL.PETR.COMPILE.MODE='fastest'.*max-autotune"):
+        PETRTrainer.build_model(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_the_official_outputs(tmp_path):
+    weights = str(tmp_path / "petr_tiny_d2.pth")
+    convert_opera_checkpoint(os.path.join(OPERA_TINY, "opera_tiny_petr.pth"), weights)
+    io = torch.load(os.path.join(OPERA_TINY, "opera_tiny_io.pt"))
+    model = _load_model(weights).eval()
+    cfg = opera_tiny_cfg()
+    cfg.MODEL.PETR.COMPILE.ENABLED = True
+    compile_model(model, cfg)
+    image = {"image": io["image_rgb"].permute(2, 0, 1)}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        result = model([image])[0]["instances"]
+    torch.testing.assert_close(result.scores, io["scores"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.pred_keypoints[..., :2], io["keypoints"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(result.pred_boxes.tensor, io["boxes"], rtol=0, atol=1e-3)
+
+
+def test_demo_predictor_honours_the_key(tmp_path):
+    from petr.demo.predictor import PETRPredictor
+
+    cfg = opera_tiny_cfg()
+    assert not _is_compiled(PETRPredictor(cfg).model)
+    cfg.MODEL.PETR.COMPILE.ENABLED = True
+    assert _is_compiled(PETRPredictor(cfg).model)
