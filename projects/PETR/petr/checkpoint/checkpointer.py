@@ -49,7 +49,9 @@ def describe_model_config(cfg, config_file=None) -> str:
 def _summarise(keys, limit=12) -> str:
     """Missing keys grouped by pattern (indices as '*'), the largest groups first."""
     counts = Counter(re.sub(r"\.\d+(?=\.)", ".*", k) for k in keys)
-    items = [f"{k} ({n})" if n > 1 else k for k, n in counts.most_common(limit)]
+    # Ties by name, so the message does not depend on the order of `keys` (often a set).
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    items = [f"{k} ({n})" if n > 1 else k for k, n in top]
     more = f", and {len(counts) - limit} more patterns" if len(counts) > limit else ""
     return ", ".join(items) + more
 
