@@ -6,7 +6,8 @@
 # It builds Detectron2 (CPU-only: PETR calls none of its _C functions) and petr._C with CUDA,
 # runs `pytest -m cuda`, the deformable-attention benchmark on CUDA against the reference, and
 # PETR-R50 at 800x1333: inference in fp32 and bf16, eager and compiled, and one training iteration
-# at batch 2. Every figure goes under $OUT (default output/gpu_check). Budget: 8 minutes.
+# at batch 2. Every figure goes under $OUT (default output/gpu_check). Each step has a time limit;
+# together at most 8 minutes after the install (typically less).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-output/gpu_check}
@@ -35,17 +36,18 @@ cat "$OUT/env.txt"
 t0=$SECONDS
 $PY -m pip install -q --no-index --no-deps --no-compile --target $SITE .device/wheels/*.whl || exit 1
 # No GPU visible to Detectron2's setup.py, so it builds its CPU-only _C.
-CUDA_VISIBLE_DEVICES= $PY -m pip install -q --no-index --no-deps --no-build-isolation \
+CUDA_VISIBLE_DEVICES= timeout 150 $PY -m pip install -q --no-index --no-deps --no-build-isolation \
     --target $SITE .device/detectron2-*.tar.gz || exit 1
-FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 $PY setup.py -q build_ext --inplace || exit 1
+FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 timeout 150 $PY setup.py -q build_ext --inplace || exit 1
 $PY -c "import torch, petr._C as C; assert C.has_cuda(), 'petr._C built without CUDA'" || exit 1
 echo "=== build: Detectron2 + petr._C (CUDA) in $((SECONDS - t0)) s"
 
-step pytest_cuda 180 $PY -m pytest -q -ra -m cuda tests
-step msda 90 $PY tools/benchmark_msda.py --device cuda --repeat 20
-step msda_bf16 60 $PY tools/benchmark_msda.py --device cuda --dtype bfloat16 --repeat 20 --no-memory
+step pytest_cuda 90 $PY -m pytest -q -ra -m cuda tests
+step msda 60 $PY tools/benchmark_msda.py --device cuda --repeat 20
+step msda_bf16 30 $PY tools/benchmark_msda.py --device cuda --dtype bfloat16 --repeat 20 --no-memory
 BENCH=(tools/benchmark.py --config-file configs/petr_R50.yaml --devices cuda --warmup 3 --iters 20)
-step bench_infer 90 $PY "${BENCH[@]}" --precisions fp32 bf16
-step bench_compiled 150 $PY "${BENCH[@]}" --precisions fp32 bf16 --compile
-step bench_train 60 $PY "${BENCH[@]}" --precisions fp32 bf16 --train --batch-size 2
+# Eager and compiled columns and Keypoint R-CNN, alternating in one process; per-stage times.
+step bench_infer 180 $PY "${BENCH[@]}" --precisions fp32 bf16 --compile --compare keypoint_rcnn \
+    --stages
+step bench_train 45 $PY "${BENCH[@]}" --precisions fp32 bf16 --train --batch-size 2
 exit $status
