@@ -41,8 +41,8 @@ def opera_tiny_cfg():
     r.STEM_OUT_CHANNELS, r.NUM_GROUPS, r.WIDTH_PER_GROUP, r.RES2_OUT_CHANNELS = 16, 1, 16, 64
     p = cfg.MODEL.PETR
     p.HIDDEN_DIM, p.DIM_FEEDFORWARD, p.ENC_LAYERS = 64, 128, 2
-    p.NUM_QUERIES = p.NUM_PROPOSALS = 30
-    p.DETECTIONS_PER_IMAGE = 10
+    p.NUM_QUERIES = 30
+    cfg.TEST.DETECTIONS_PER_IMAGE = 10
     p.DROPOUT = 0.0
     cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = ()
     return cfg
@@ -52,7 +52,7 @@ def shrink_cfg(cfg):
     """Make any PETR config small enough for a CPU training step in a second or two."""
     p = cfg.MODEL.PETR
     p.HIDDEN_DIM, p.DIM_FEEDFORWARD, p.KPT_HEAD_HIDDEN_DIM = 32, 64, 32
-    p.ENC_LAYERS, p.NUM_QUERIES, p.NUM_PROPOSALS, p.DETECTIONS_PER_IMAGE = 1, 12, 12, 5
+    p.ENC_LAYERS, p.NUM_QUERIES, cfg.TEST.DETECTIONS_PER_IMAGE = 1, 12, 5
     if cfg.MODEL.BACKBONE.NAME == "build_swin_backbone":
         s = cfg.MODEL.SWIN
         s.EMBED_DIM, s.DEPTHS, s.NUM_HEADS = 32, [1, 1, 1, 1], [1, 2, 4, 8]

@@ -78,7 +78,7 @@ def test_bf16_autocast_inference_on_cpu(tiny_config):
 
 def test_failed_measurement_is_reported_in_the_table(tiny_config):
     # 96x128 gives 256 encoder tokens, fewer than 400 proposals: the model refuses the input
-    opts = ["--opts", "MODEL.PETR.NUM_PROPOSALS", "400", "MODEL.PETR.NUM_QUERIES", "400"]
+    opts = ["--opts", "MODEL.PETR.NUM_QUERIES", "400"]
     rc, out = _run(tiny_config, "--precisions", "fp32", *opts)
     assert rc == 1
     (row,) = _rows(out)

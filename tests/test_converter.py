@@ -214,7 +214,7 @@ def test_real_official_checkpoint_loads_through_detectron2(tiny_converted):
     cfg = load_cfg("Base-PETR.yaml")
     cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = ()
     cfg.merge_from_list(report.layout.config_opts())
-    cfg.MODEL.PETR.DETECTIONS_PER_IMAGE = 10  # the fixture's test setting, not a weight
+    cfg.TEST.DETECTIONS_PER_IMAGE = 10  # the fixture's test setting, not a weight
     model = build_model(cfg)
     DetectionCheckpointer(model).load(dst)
     sd = model.state_dict()

@@ -6,13 +6,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
+from petr_testing import load_cfg
 
-from petr.config import add_petr_config
 from petr.data.bad_images import BAD_IMAGES_KEY, UNREADABLE_KEY
 from petr.data.dataset_mapper import MAX_CONSECUTIVE_BAD_READS, PETRDatasetMapper
 from petr.data.transforms import AffineWarpTransform, CV2ResizeTransform
@@ -220,8 +219,7 @@ def test_degenerate_boxes_are_skipped(tmp_path):
 
 
 def _cfg(**petr_input):
-    cfg = get_cfg()
-    add_petr_config(cfg)
+    cfg = load_cfg("Base-PETR.yaml")  # the recipe's INPUT keys
     cfg.INPUT.FORMAT = "RGB"
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
     cfg.DATASETS.TRAIN = (DATASET,)

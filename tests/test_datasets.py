@@ -6,13 +6,12 @@ import os
 import cv2
 import numpy as np
 import pytest
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data.datasets import register_coco_instances
+from petr_testing import load_cfg
 
 import petr.data  # noqa: F401  (registers the datasets)
-from petr.config import add_petr_config
 from petr.data.dataset_mapper import PETRDatasetMapper
 from petr.data.datasets.coco import complete_coco_keypoint_datasets
 from petr.data.datasets.crowdpose import register_crowdpose
@@ -114,8 +113,7 @@ def test_custom_dataset_with_five_keypoints_trains_through_the_mapper(tmp_path):
     meta = MetadataCatalog.get("petr_test_custom_k5")
     assert meta.keypoint_oks_sigmas == K5["keypoint_oks_sigmas"] and meta.evaluator_type == "coco"
     (record,) = DatasetCatalog.get("petr_test_custom_k5")
-    cfg = get_cfg()
-    add_petr_config(cfg)
+    cfg = load_cfg("Base-PETR.yaml")  # the recipe's INPUT keys
     cfg.DATASETS.TRAIN = ("petr_test_custom_k5",)
     np.random.seed(0)
     mapper = PETRDatasetMapper(cfg, is_train=True)

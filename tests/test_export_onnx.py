@@ -127,9 +127,7 @@ def test_unsupported_export_requests_raise(exported, tmp_path, capsys):
         _load_tool().main(["--config-file", "unused.yaml", "--opset", "15"])
     assert "GridSample" in capsys.readouterr().err
     # 96x128 gives 256 encoder tokens, fewer than 400 proposals: the model refuses it mid-trace
-    _, greedy = _perturbed_model(
-        "petr_R50.yaml", "MODEL.PETR.NUM_PROPOSALS", 400, "MODEL.PETR.NUM_QUERIES", 400
-    )
+    _, greedy = _perturbed_model("petr_R50.yaml", "MODEL.PETR.NUM_QUERIES", 400)
     with pytest.raises(ValueError, match="256 encoder tokens.*NUM_PROPOSALS=400"):
         export_petr_onnx(greedy, str(tmp_path / "b.onnx"), 96, 128)
     assert attention.ms_deform_attn is dispatcher  # restored even though the export failed

@@ -7,7 +7,13 @@ import torch
 from detectron2.modeling import build_model
 from petr_testing import load_cfg, random_person_batch, shrink_cfg
 
-from petr.modeling.postprocess import oks_nms, pose_oks, poses_to_instances
+from petr.modeling.postprocess import (
+    keypoint_boxes,
+    oks_nms,
+    pose_instances,
+    pose_oks,
+    poses_to_instances,
+)
 
 
 def _square_pose(x0, y0, side=10.0):
@@ -85,3 +91,15 @@ def test_model_applies_oks_nms_only_when_asked(monkeypatch):
 def test_bad_threshold_names_the_key():
     with pytest.raises(ValueError, match="OKS_NMS_THRESH_TEST"):
         _tiny_model(1.5)
+
+
+def test_pose_instances_boxes_are_tight_over_every_joint():
+    kpts = torch.tensor([[[3.0, 4.0], [10.0, 2.0], [7.0, 9.0]]])  # (1, K=3, 2) pixels
+    inst = pose_instances(kpts, torch.tensor([0.8]), (20, 30))
+    assert inst.image_size == (20, 30)
+    assert inst.pred_boxes.tensor.tolist() == [[3.0, 2.0, 10.0, 9.0]]
+    assert inst.pred_keypoints[..., 2].tolist() == [[1.0, 1.0, 1.0]]
+    assert inst.pred_classes.tolist() == [0] and inst.scores.tolist() == [pytest.approx(0.8)]
+    empty = pose_instances(torch.zeros(0, 3, 2), torch.zeros(0), (20, 30))
+    assert empty.pred_boxes.tensor.shape == (0, 4) and empty.pred_keypoints.shape == (0, 3, 3)
+    assert keypoint_boxes(torch.zeros(0, 3, 3)).shape == (0, 4)

@@ -5,10 +5,9 @@ import math
 import cv2
 import numpy as np
 import pytest
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
+from petr_testing import load_cfg
 
-from petr.config import add_petr_config
 from petr.data.transforms import (
     AffineWarpTransform,
     CV2ResizeTransform,
@@ -194,8 +193,7 @@ def test_random_choice_picks_each_policy_about_half_the_time():
 
 
 def _train_cfg():
-    cfg = get_cfg()
-    add_petr_config(cfg)
+    cfg = load_cfg("Base-PETR.yaml")  # the recipe's INPUT keys
     cfg.INPUT.FORMAT = "RGB"
     cfg.MODEL.PIXEL_MEAN = [0.0, 0.0, 0.0]
     cfg.INPUT.PETR.PHOTOMETRIC = False

@@ -13,7 +13,6 @@ from petr_testing import load_cfg, shrink_cfg
 from petr.data.metadata import COCO_OKS_SIGMAS
 from petr.modeling.test_time_augmentation import (
     PETRWithTTA,
-    flip_indices_from_metadata,
     hflip_poses,
     merge_by_oks,
     soft_nms_linear,
@@ -25,17 +24,14 @@ COCO = "keypoints_coco_2017_val"  # Detectron2's built-in metadata: names, flip 
 COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
 
 
-def test_flip_indices_from_coco_metadata():
-    assert flip_indices_from_metadata(MetadataCatalog.get(COCO), 17) == COCO_FLIP
-
-
-def test_flip_indices_errors_name_the_dataset():
-    name = "petr_test_tta_no_flip_map"
-    MetadataCatalog.get(name).set(keypoint_names=["a", "b"])
-    with pytest.raises(ValueError, match=name):
-        flip_indices_from_metadata(MetadataCatalog.get(name), 2)
-    with pytest.raises(ValueError, match="17 keypoint_names"):
-        flip_indices_from_metadata(MetadataCatalog.get(COCO), 14)
+def test_flip_indices_come_from_the_test_metadata():
+    cfg = shrink_cfg(load_cfg("petr_R50.yaml"))
+    assert cfg.DATASETS.TEST == (COCO,) and cfg.TEST.AUG.FLIP
+    assert PETRWithTTA(cfg, _FixedPoses(_people(1), torch.ones(1))).flip_indices == COCO_FLIP
+    model = _FixedPoses(_people(1), torch.ones(1))
+    model.num_keypoints = 14
+    with pytest.raises(ValueError, match="17 keypoint_names, the model has 14"):
+        PETRWithTTA(cfg, model)
 
 
 def test_unflip_of_flipped_pose_returns_original_with_swapped_ids():
@@ -231,7 +227,7 @@ def test_petr_with_tta_end_to_end(tiny_petr, merge):
     assert inst.image_size == (100, 140)
     assert set(inst.get_fields()) == {"pred_keypoints", "pred_boxes", "scores", "pred_classes"}
     N = len(inst)
-    assert 1 <= N <= cfg.MODEL.PETR.DETECTIONS_PER_IMAGE
+    assert 1 <= N <= cfg.TEST.DETECTIONS_PER_IMAGE
     assert inst.pred_keypoints.shape == (N, 17, 3)
     assert (inst.scores[:-1] >= inst.scores[1:]).all()
     xy = inst.pred_keypoints[..., :2]
@@ -243,7 +239,7 @@ def test_symmetric_image_flip_views_agree(tiny_petr):
     P are equal and the flip view contributes exactly the mirrored poses of P."""
     cfg, model = tiny_petr
     cfg = cfg.clone()
-    cfg.TEST.AUG.MIN_SIZES, cfg.MODEL.PETR.DETECTIONS_PER_IMAGE = (64,), 100
+    cfg.TEST.AUG.MIN_SIZES, cfg.TEST.DETECTIONS_PER_IMAGE = (64,), 100
     half = torch.randint(0, 256, (3, 64, 40), dtype=torch.uint8)
     image = torch.cat([half, half.flip(-1)], -1)  # (3, 64, 80), symmetric
     raw = model([{"image": image}])[0]["instances"].pred_keypoints[..., :2]

@@ -7,7 +7,7 @@
 The graph has one input, "image" (1, 3, H, W) float32 in INPUT.FORMAT channel order (raw 0-255
 values, or (x - PIXEL_MEAN) / PIXEL_STD with --normalized-input), and three outputs sorted by
 descending score: "scores" (N,), "keypoints" (N, K, 3) (x, y, 1) and "boxes" (N, 4) xyxy, both
-in pixels of the input image; N = min(MODEL.PETR.DETECTIONS_PER_IMAGE, NUM_QUERIES).
+in pixels of the input image; N = min(TEST.DETECTIONS_PER_IMAGE, NUM_QUERIES).
 """
 
 import argparse

@@ -1,16 +1,35 @@
-"""Config keys PETR adds to Detectron2's defaults. Values are the official R50 COCO recipe."""
+"""Config keys PETR adds to Detectron2's defaults (new keys only; their defaults are the official
+R50 COCO recipe). PETR's values for Detectron2's own keys live in configs/Base-PETR.yaml."""
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 
 def add_petr_config(cfg):
-    """Add every PETR key (model, Swin backbone, data pipeline, solver, test) to `cfg`."""
+    """Add every PETR key (model, Swin backbone, data pipeline, solver, test) to `cfg`, a root
+    config. Detectron2's own keys keep their defaults: Base-PETR.yaml sets PETR's values."""
     _add_model_config(cfg)
     _add_swin_config(cfg)
     _add_data_config(cfg)
     _add_solver_config(cfg)
     _add_test_config(cfg)
+    for old, new, why in REMOVED_KEYS:
+        cfg.register_renamed_key(old, new, message=why)
+
+
+# Keys PETR no longer has: a yaml or an opt that sets one is an error naming the replacement.
+REMOVED_KEYS = (
+    (
+        "MODEL.PETR.NUM_PROPOSALS",
+        "MODEL.PETR.NUM_QUERIES",
+        "query i starts from proposal i, so NUM_QUERIES sets both",
+    ),
+    (
+        "MODEL.PETR.DETECTIONS_PER_IMAGE",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "PETR reads Detectron2's key",
+    ),
+)
 
 
 def get_petr_cfg(config_file=None, opts=()):
@@ -61,9 +80,7 @@ def _add_model_config(cfg):
     p.ENC_N_POINTS = 4  # per level, encoder and heatmap encoder
     p.JOINT_DEC_N_POINTS = 4  # per level; the pose decoder samples one point per keypoint
     p.KPT_HEAD_HIDDEN_DIM = 512  # fixed in the official code, not tied to HIDDEN_DIM
-    p.NUM_QUERIES = 300
-    p.NUM_PROPOSALS = 300  # top-k encoder tokens; must equal NUM_QUERIES (query i <-> proposal i)
-    p.DETECTIONS_PER_IMAGE = 100
+    p.NUM_QUERIES = 300  # also the top-k encoder tokens proposed (query i <-> proposal i)
     p.POS_TEMPERATURE = 10000.0
     # Loss weights (official: cls 2, L1 70, OKS 2, heatmap 4, joint L1 80, joint OKS 3, enc 2/70).
     p.CLS_WEIGHT = 2.0
@@ -125,9 +142,8 @@ def _add_data_config(cfg):
     # "official" keeps an image with at least one person annotation of any kind (crowd and
     # 0-keypoint persons included; all-crowd or all-keypoint-less images train as negatives)
     # whose json width and height are >= MIN_IMAGE_SIZE; "none" keeps every image.
-    # Detectron2's own FILTER_EMPTY_ANNOTATIONS (drop images without a non-crowd annotation) is
-    # off: on top of the official rule it would also drop the crowd-only images.
-    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    # Base-PETR.yaml turns Detectron2's own DATALOADER.FILTER_EMPTY_ANNOTATIONS off (on top of
+    # the official rule it would also drop the crowd-only images).
     cfg.DATALOADER.PETR = CN()
     d = cfg.DATALOADER.PETR
     d.IMAGE_FILTER = "official"
@@ -135,16 +151,9 @@ def _add_data_config(cfg):
     # Unreadable training images (missing, truncated, undecodable) are replaced by another
     # image and counted; training stops when more than this share of the reads fails.
     d.MAX_BAD_IMAGE_SHARE = 0.01
-    # Policy 1 of the official AutoAugment (and the last step of policy 2): short side a random
-    # integer in [400, 1400], long side capped at 1400. Test: Detectron2's 800 / 1333 defaults.
-    cfg.INPUT.MIN_SIZE_TRAIN = (400, 1400)
-    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "range"
-    cfg.INPUT.MAX_SIZE_TRAIN = 1400
-    # Policy 2: short side one of CROP_MIN_SIZE_TRAIN (long cap 4200), then an absolute_range
-    # crop of [384, 600] per side, then policy 1. CROP.ENABLED False keeps only policy 1.
-    cfg.INPUT.CROP.ENABLED = True
-    cfg.INPUT.CROP.TYPE = "absolute_range"
-    cfg.INPUT.CROP.SIZE = [384, 600]
+    # Policy 2 of the official AutoAugment: short side one of CROP_MIN_SIZE_TRAIN (long cap
+    # 4200), then Detectron2's INPUT.CROP (Base-PETR.yaml: absolute_range [384, 600]), then
+    # policy 1 (INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN). CROP.ENABLED False keeps only policy 1.
     cfg.INPUT.PETR = CN()
     p = cfg.INPUT.PETR
     p.CROP_MIN_SIZE_TRAIN = (400, 500, 600)
@@ -169,14 +178,9 @@ def _add_solver_config(cfg):
 
 
 def _add_test_config(cfg):
-    # Test-time augmentation (PETRWithTTA) reuses Detectron2's TEST.AUG keys. Defaults: the
-    # paper's multi-scale test (short sides 800 / 1000 / 1200; the paper gives no long-side cap,
-    # 2000 keeps the 1333 / 800 ratio at 1200) with flip. The official CrowdPose flip test is
-    # MIN_SIZES (800,), MAX_SIZE 1333, FLIP True.
+    # Test-time augmentation (PETRWithTTA) reuses Detectron2's TEST.AUG keys (Base-PETR.yaml:
+    # the paper's multi-scale flip test) and adds the merge of the views.
     a = cfg.TEST.AUG
-    a.MIN_SIZES = (800, 1000, 1200)
-    a.MAX_SIZE = 2000
-    a.FLIP = True
     # "soft_nms": the official merge (concatenate all views, linear soft-NMS on keypoint boxes);
     # "oks_average": match views by OKS to the reference view (unflipped, MIN_SIZES[0]) and
     # average matched poses.

@@ -129,7 +129,6 @@ class OperaLayout:
             f"MODEL.PETR.JOINT_DEC_N_POINTS {self.joint_points}",
             f"MODEL.PETR.KPT_HEAD_HIDDEN_DIM {self.kpt_hidden_dim}",
             f"MODEL.PETR.NUM_QUERIES {self.num_queries}",
-            f"MODEL.PETR.NUM_PROPOSALS {self.num_queries}",
             f"MODEL.PETR.NUM_KEYPOINTS {self.num_keypoints}",
         ]
 

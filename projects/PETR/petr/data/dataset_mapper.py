@@ -11,14 +11,13 @@ import logging
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances, Keypoints
 from detectron2.utils.logger import log_first_n
 
 from .bad_images import BAD_IMAGES_KEY, UNREADABLE_KEY
-from .metadata import num_keypoints_from_metadata
+from .metadata import keypoint_spec
 from .transforms import (
     AffineWarpTransform,
     CV2ResizeTransform,
@@ -167,18 +166,15 @@ class PETRDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
         }
         if is_train:
-            names = list(cfg.DATASETS.TRAIN)
-            meta = MetadataCatalog.get(names[0])
-            ret["num_keypoints"] = num_keypoints_from_metadata(meta, cfg.MODEL.PETR.NUM_KEYPOINTS)
-            if cfg.INPUT.PETR.FLIP_PROB > 0:
-                for name in names:
-                    m = MetadataCatalog.get(name)
-                    if not (m.get("keypoint_names") and m.get("keypoint_flip_map") is not None):
-                        raise ValueError(
-                            f"INPUT.PETR.FLIP_PROB > 0 needs keypoint_names and keypoint_flip_map "
-                            f"in the metadata of dataset {name!r}"
-                        )
-                ret["keypoint_hflip_indices"] = utils.create_keypoint_hflip_indices(names)
+            flip = cfg.INPUT.PETR.FLIP_PROB > 0
+            spec = keypoint_spec(
+                cfg.DATASETS.TRAIN,
+                default_num_keypoints=cfg.MODEL.PETR.NUM_KEYPOINTS,
+                flip_key="INPUT.PETR.FLIP_PROB" if flip else None,
+            )
+            ret["num_keypoints"] = spec.num_keypoints
+            if flip:
+                ret["keypoint_hflip_indices"] = list(spec.flip_indices)
         return ret
 
     def _read_image(self, dataset_dict):

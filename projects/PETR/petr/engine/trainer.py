@@ -37,7 +37,7 @@ from ..checkpoint.checkpointer import PETRCheckpointer
 from ..config import check_device
 from ..data.bad_images import BadImageMonitor, SkipUnreadableImages
 from ..data.dataset_mapper import PETRDatasetMapper
-from ..data.metadata import num_keypoints_from_metadata
+from ..data.metadata import KeypointSpec
 from ..data.training_images import petr_train_dataset_dicts
 from ..evaluation import ReadImagesOnly, build_keypoint_evaluator
 from ..modeling.compile import compile_model
@@ -51,8 +51,8 @@ def check_test_keypoints(cfg, model):
     model_k = getattr(model, "module", model)
     model_k = getattr(model_k, "model", model_k).num_keypoints  # DDP, PETRWithTTA
     for name in cfg.DATASETS.TEST:
-        k = num_keypoints_from_metadata(MetadataCatalog.get(name), default=None)
-        if k is not None and k != model_k:
+        k = KeypointSpec.from_metadata(MetadataCatalog.get(name)).num_keypoints
+        if k != model_k:
             raise ValueError(
                 f"TEST dataset {name!r} has {k} keypoints but the model predicts {model_k}: "
                 "evaluate on a dataset with the model's joints (DATASETS.TEST)"

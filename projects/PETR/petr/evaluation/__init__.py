@@ -4,7 +4,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 
-from ..data.metadata import num_keypoints_from_metadata, oks_sigmas_from_metadata
+from ..data.metadata import KeypointSpec
 from .crowdpose_evaluation import CrowdPoseEvaluator
 
 __all__ = ["CrowdPoseEvaluator", "ReadImagesOnly", "build_keypoint_evaluator"]
@@ -43,8 +43,12 @@ def build_keypoint_evaluator(cfg, dataset_name, output_folder=None):
     else the COCO/CrowdPose defaults for K = 17/14; any other K without sigmas is an error.
     """
     meta = MetadataCatalog.get(dataset_name)
-    num_k = num_keypoints_from_metadata(meta, cfg.MODEL.PETR.NUM_KEYPOINTS)
-    sigmas = oks_sigmas_from_metadata(meta, num_k, override=cfg.TEST.KEYPOINT_OKS_SIGMAS)
+    sigmas = KeypointSpec.from_metadata(
+        meta,
+        default_num_keypoints=cfg.MODEL.PETR.NUM_KEYPOINTS,
+        oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
+        sigmas_key="TEST.KEYPOINT_OKS_SIGMAS",
+    ).oks_sigmas
     evaluator_type = meta.get("evaluator_type", "coco")
     if evaluator_type == "crowdpose":
         return CrowdPoseEvaluator(dataset_name, output_folder, kpt_oks_sigmas=sigmas)

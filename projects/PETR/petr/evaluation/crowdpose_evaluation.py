@@ -24,7 +24,7 @@ from detectron2.utils.file_io import PathManager
 from xtcocotools.coco import COCO
 from xtcocotools.cocoeval import COCOeval
 
-from ..data.metadata import num_keypoints_from_metadata, oks_sigmas_from_metadata
+from ..data.metadata import KeypointSpec
 
 __all__ = ["CrowdPoseEvaluator"]
 
@@ -53,8 +53,8 @@ class CrowdPoseEvaluator(DatasetEvaluator):
         if kpt_oks_sigmas:
             sigmas = [float(s) for s in kpt_oks_sigmas]
         else:
-            num_k = num_keypoints_from_metadata(self._metadata)
-            sigmas = oks_sigmas_from_metadata(self._metadata, num_k)
+            spec = KeypointSpec.from_metadata(self._metadata, sigmas_key="kpt_oks_sigmas")
+            sigmas = spec.oks_sigmas
         self._sigmas = np.asarray(sigmas, dtype=np.float64)
         self._output_dir = output_dir
         self._distributed = distributed

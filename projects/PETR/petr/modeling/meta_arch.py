@@ -11,11 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
-from ..data.metadata import num_keypoints_from_metadata, oks_sigmas_from_metadata
+from ..data.metadata import keypoint_spec
 from .backbone.channel_mapper import PETRChannelMapper
 from .criterion import PETRCriterion
 from .matcher import PETRHungarianMatcher
@@ -85,14 +84,13 @@ class PETR(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         p = cfg.MODEL.PETR
-        names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
-        meta = MetadataCatalog.get(names[0]) if names else None
-        K = num_keypoints_from_metadata(meta, default=p.NUM_KEYPOINTS)
-        for other in names[1:]:
-            k_other = num_keypoints_from_metadata(MetadataCatalog.get(other), default=K)
-            if k_other != K:
-                raise ValueError(f"Datasets {names[0]} and {other} have {K} vs {k_other} keypoints")
-        sigmas = oks_sigmas_from_metadata(meta, K, p.OKS_SIGMAS)
+        spec = keypoint_spec(
+            list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST),
+            default_num_keypoints=p.NUM_KEYPOINTS,
+            oks_sigmas=p.OKS_SIGMAS,
+            sigmas_key="MODEL.PETR.OKS_SIGMAS",
+        )
+        K, sigmas = spec.num_keypoints, spec.oks_sigmas
         backbone = build_backbone(cfg)
         C, heads, ffn, drop, L = (
             p.HIDDEN_DIM, p.NUM_HEADS, p.DIM_FEEDFORWARD, p.DROPOUT, p.NUM_FEATURE_LEVELS
@@ -121,7 +119,7 @@ class PETR(nn.Module):
             "proposals": PETRPointProposals(
                 dim=C,
                 num_keypoints=K,
-                num_proposals=p.NUM_PROPOSALS,
+                num_proposals=p.NUM_QUERIES,  # query i <-> proposal i
                 kpt_hidden_dim=p.KPT_HEAD_HIDDEN_DIM,
             ),  # fmt: skip
             "pose_decoder": PETRPoseDecoder(
@@ -152,7 +150,7 @@ class PETR(nn.Module):
                 focal_gamma=p.FOCAL_GAMMA,
             ),  # fmt: skip
             "num_keypoints": K,
-            "detections_per_image": p.DETECTIONS_PER_IMAGE,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,

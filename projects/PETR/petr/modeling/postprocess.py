@@ -25,15 +25,27 @@ def poses_to_instances(
     out_h, out_w = output_size
     x = (keypoints[..., 0] * w).clamp(min=0, max=w) * (out_w / w) + pixel_offset
     y = (keypoints[..., 1] * h).clamp(min=0, max=h) * (out_h / h) + pixel_offset
-    # The official model has no per-joint confidence: every joint gets score 1.
-    kpts = torch.stack([x, y, torch.ones_like(x)], -1)
-    result = Instances((out_h, out_w))
-    result.pred_keypoints = kpts
-    if kpts.shape[0]:
-        boxes = torch.stack([x.min(1)[0], y.min(1)[0], x.max(1)[0], y.max(1)[0]], -1)
-    else:
-        boxes = kpts.new_zeros(0, 4)
-    result.pred_boxes = Boxes(boxes)
+    return pose_instances(torch.stack([x, y], -1), scores, output_size)
+
+
+def keypoint_boxes(keypoints: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (N, 4) of poses (N, K, >=2) pixels, over all joints."""
+    if keypoints.shape[0] == 0:
+        return keypoints.new_zeros(0, 4)
+    xy = keypoints[..., :2]
+    return torch.cat([xy.amin(1), xy.amax(1)], -1)
+
+
+def pose_instances(
+    keypoints: torch.Tensor, scores: torch.Tensor, image_size: Tuple[int, int]
+) -> Instances:
+    """Detectron2's output of poses: keypoints (N, K, 2) pixels (x, y), scores (N,), image_size
+    (H, W). Returns Instances with pred_keypoints (N, K, 3) (x, y, 1), pred_boxes (the tight box
+    of the keypoints), scores and pred_classes (0)."""
+    result = Instances(tuple(image_size))
+    # The official model has no per-joint confidence (its flip test too): every joint gets 1.
+    result.pred_keypoints = torch.cat([keypoints, torch.ones_like(keypoints[..., :1])], -1)
+    result.pred_boxes = Boxes(keypoint_boxes(keypoints))
     result.scores = scores
     result.pred_classes = torch.zeros_like(scores, dtype=torch.int64)
     return result
@@ -60,7 +72,8 @@ def oks_nms(keypoints: torch.Tensor, scores: torch.Tensor, sigmas: torch.Tensor,
     if order.numel() <= 1:
         return order
     kpts = keypoints[order, :, :2].float()
-    wh = kpts.amax(1) - kpts.amin(1)
+    box = keypoint_boxes(kpts)
+    wh = box[:, 2:] - box[:, :2]
     oks = pose_oks(kpts, kpts, sigmas.to(kpts), wh[:, 0] * wh[:, 1])  # (N, N), row = kept pose
     suppressed = torch.zeros(len(order), dtype=torch.bool, device=order.device)
     # Tensor ops only (no `if suppressed[i]`): a suppressed pose suppresses nothing, and no

@@ -15,50 +15,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.metadata import oks_sigmas_from_metadata
+from ..data.metadata import keypoint_spec
 from ..data.transforms import CV2ResizeTransform, rescale_size
-from .postprocess import pose_oks
+from .postprocess import keypoint_boxes, pose_instances, pose_oks
 
 __all__ = [
     "PETRWithTTA",
-    "flip_indices_from_metadata",
     "hflip_poses",
-    "keypoint_boxes",
     "merge_by_oks",
-    "pose_oks",
     "soft_nms_linear",
 ]
 
 MERGES = ("soft_nms", "oks_average")
-
-
-def flip_indices_from_metadata(metadata, num_keypoints: int) -> List[int]:
-    """flip_indices[k] = the joint that k becomes under a horizontal flip, from the metadata's
-    `keypoint_names` and `keypoint_flip_map` (name pairs)."""
-    name = getattr(metadata, "name", "<no dataset>")
-    names = list(getattr(metadata, "keypoint_names", None) or []) if metadata is not None else []
-    pairs = getattr(metadata, "keypoint_flip_map", None) if metadata is not None else None
-    if not names or pairs is None:
-        raise ValueError(
-            f"Flip test needs keypoint_names and keypoint_flip_map in the metadata of {name!r} "
-            "(cfg.DATASETS.TEST[0]); set TEST.AUG.FLIP False otherwise"
-        )
-    if len(names) != num_keypoints:
-        raise ValueError(
-            f"Metadata {name!r} has {len(names)} keypoint_names, the model has {num_keypoints}"
-        )
-    swap = {}
-    for a, b in pairs:
-        if a not in names or b not in names:
-            raise ValueError(f"keypoint_flip_map of {name!r}: ({a!r}, {b!r}) not in keypoint_names")
-        swap[a], swap[b] = b, a
-    return [names.index(swap.get(n, n)) for n in names]
 
 
 def hflip_poses(keypoints: torch.Tensor, width: float, flip_indices: Sequence[int]):
@@ -72,14 +45,6 @@ def hflip_poses(keypoints: torch.Tensor, width: float, flip_indices: Sequence[in
     out = keypoints[:, list(flip_indices)].clone()
     out[..., 0] = width - out[..., 0]
     return out
-
-
-def keypoint_boxes(keypoints: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes (N, 4) of poses (N, K, >=2) pixels, over all joints."""
-    if keypoints.shape[0] == 0:
-        return keypoints.new_zeros(0, 4)
-    xy = keypoints[..., :2]
-    return torch.cat([xy.amin(1), xy.amax(1)], -1)
 
 
 def _pairwise_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -227,22 +192,28 @@ class PETRWithTTA(nn.Module):
     @classmethod
     def from_config(cls, cfg, model):
         a = cfg.TEST.AUG
-        names = list(cfg.DATASETS.TEST)
-        meta = MetadataCatalog.get(names[0]) if names else None
         K = (model.module if isinstance(model, DistributedDataParallel) else model).num_keypoints
+        spec = keypoint_spec(
+            cfg.DATASETS.TEST,
+            default_num_keypoints=K,
+            oks_sigmas=cfg.MODEL.PETR.OKS_SIGMAS,
+            sigmas_key="MODEL.PETR.OKS_SIGMAS" if a.MERGE == "oks_average" else None,
+            flip_key="TEST.AUG.FLIP" if a.FLIP else None,
+        )
+        if spec.num_keypoints != K:
+            raise ValueError(
+                f"DATASETS.TEST {tuple(cfg.DATASETS.TEST)}: {spec.num_keypoints} "
+                f"keypoint_names, the model has {K} keypoints"
+            )
         return {
             "model": model,
             "min_sizes": list(a.MIN_SIZES),
             "max_size": a.MAX_SIZE,
             "flip": a.FLIP,
             "merge": a.MERGE,
-            "flip_indices": flip_indices_from_metadata(meta, K) if a.FLIP else None,
-            "oks_sigmas": (
-                oks_sigmas_from_metadata(meta, K, cfg.MODEL.PETR.OKS_SIGMAS)
-                if a.MERGE == "oks_average"
-                else None
-            ),
-            "detections_per_image": cfg.MODEL.PETR.DETECTIONS_PER_IMAGE,
+            "flip_indices": spec.flip_indices if a.FLIP else None,
+            "oks_sigmas": spec.oks_sigmas if a.MERGE == "oks_average" else None,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "soft_nms_iou_threshold": a.SOFT_NMS_IOU_THRESH,
             "soft_nms_min_score": a.SOFT_NMS_MIN_SCORE,
             "match_oks_threshold": a.MATCH_OKS_THRESH,
@@ -314,10 +285,4 @@ class PETRWithTTA(nn.Module):
         else:
             kpts, scores = merge_by_oks(poses, self.oks_sigmas, self.match_oks_threshold)
         kpts, scores = kpts[: self.detections_per_image], scores[: self.detections_per_image]
-        result = Instances((H, W))
-        # The model has no per-joint confidence; the official flip test also sets visibility 1.
-        result.pred_keypoints = torch.cat([kpts, torch.ones_like(kpts[..., :1])], -1)
-        result.pred_boxes = Boxes(keypoint_boxes(kpts))
-        result.scores = scores
-        result.pred_classes = torch.zeros_like(scores, dtype=torch.int64)
-        return result.to(device)
+        return pose_instances(kpts, scores, (H, W)).to(device)

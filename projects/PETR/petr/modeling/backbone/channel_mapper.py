@@ -27,6 +27,12 @@ class PETRChannelMapper(nn.Module):
             raise ValueError(
                 f"MODEL.PETR.NUM_FEATURE_LEVELS={num_levels} < len(IN_FEATURES)={len(in_features)}"
             )
+        missing = [f for f in in_features if f not in input_shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.PETR.IN_FEATURES {list(in_features)}: the backbone has no {missing}; it "
+                f"gives {sorted(input_shapes)} (MODEL.RESNETS / MODEL.SWIN .OUT_FEATURES)"
+            )
         self.in_features = list(in_features)
         in_channels = [input_shapes[f].channels for f in in_features]
 
