@@ -1,6 +1,8 @@
 """Shared helpers for the tests: small configs and synthetic inputs (no test data downloads)."""
 
+import contextlib
 import importlib.util
+import logging
 import os
 
 import torch
@@ -14,6 +16,25 @@ CONFIGS = os.path.join(REPO_ROOT, "configs")
 OPERA_TINY = os.path.join(REPO_ROOT, "tests", "data", "opera_tiny")
 # Name/shape/dtype listings of the four official checkpoints (copies of shared/reference).
 OPERA_STATE_DICTS = os.path.join(REPO_ROOT, "tests", "data", "opera_state_dicts")
+
+
+@contextlib.contextmanager
+def captured_log(logger_name: str, level: int = logging.INFO):
+    """Yields the list of messages `logger_name` (and its children) log at `level` or above
+    while the block runs; the logger's level is restored afterwards."""
+    messages = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(logger_name)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def load_tool(name: str):

@@ -1,7 +1,6 @@
 """PETRCheckpointer (MODEL.WEIGHTS): official opera checkpoints converted in memory, loading that
 runs no code from the file on every torch, and clear errors for files that cannot be loaded."""
 
-import logging
 import os
 import pickle
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
-from petr_testing import OPERA_TINY, load_tool, opera_tiny_cfg
+from petr_testing import OPERA_TINY, captured_log, load_tool, opera_tiny_cfg
 
 from petr.checkpoint.checkpointer import CheckpointError, PETRCheckpointer
 from petr.demo.predictor import PETRPredictor
@@ -33,15 +32,6 @@ def converted(tmp_path_factory):
     return dst
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _outputs(model, io):
     with torch.no_grad():
         inst = model.eval()([{"image": io["image_rgb"].permute(2, 0, 1)}])[0]["instances"]
@@ -52,14 +42,9 @@ def test_raw_official_checkpoint_as_model_weights_equals_the_converter(converted
     via_tool = build_model(opera_tiny_cfg())
     PETRCheckpointer(via_tool).load(converted)
     direct = build_model(opera_tiny_cfg())
-    handler = _Records()
-    logging.getLogger("fvcore").addHandler(handler)
-    logging.getLogger("fvcore").setLevel(logging.INFO)
-    try:
+    with captured_log("fvcore") as messages:
         PETRCheckpointer(direct).load(RAW)
-    finally:
-        logging.getLogger("fvcore").removeHandler(handler)
-    (note,) = [m for m in handler.messages if "official opera PETR checkpoint" in m]
+    (note,) = [m for m in messages if "official opera PETR checkpoint" in m]
     assert "ResNet-50" in note and "converted it in memory (496 tensors)" in note
     a, b = via_tool.state_dict(), direct.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

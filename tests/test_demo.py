@@ -9,7 +9,7 @@ import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
-from petr_testing import load_cfg, load_tool, shrink_cfg
+from petr_testing import captured_log, load_cfg, load_tool, shrink_cfg
 
 from petr.demo import VisualizationDemo, draw_poses
 from petr.modeling.test_time_augmentation import PETRWithTTA
@@ -47,21 +47,10 @@ def config_file(tmp_path):
     return str(path)
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def warnings_of_demo():
-    handler, logger = _Records(), logging.getLogger("petr.demo")
-    logger.addHandler(handler)
-    yield handler.messages
-    logger.removeHandler(handler)
+    with captured_log("petr.demo", logging.WARNING) as messages:
+        yield messages
 
 
 def test_folder_with_a_corrupt_file(tmp_path, config_file, warnings_of_demo):

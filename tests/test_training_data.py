@@ -2,7 +2,6 @@
 through the real loaders of PETRTrainer on small generated COCO-format datasets."""
 
 import json
-import logging
 
 import cv2
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.env import seed_all_rng
-from petr_testing import load_cfg, shrink_cfg
+from petr_testing import captured_log, load_cfg, shrink_cfg
 
 from petr.data.bad_images import BadImageError
 from petr.data.datasets.crowdpose import CROWDPOSE_KEYPOINT_NAMES, register_crowdpose
@@ -139,23 +138,10 @@ def test_too_many_unreadable_training_images_stop_with_the_files(tmp_path):
         _draw(_cfg(name), 200)  # a quarter of the reads fail: stops after 100 reads
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def petr_log():
-    handler, logger = _Records(), logging.getLogger("petr")
-    logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
-    yield handler.messages
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with captured_log("petr") as messages:
+        yield messages
 
 
 def test_training_replaces_a_truncated_jpeg_counts_it_and_continues(tmp_path, petr_log):
