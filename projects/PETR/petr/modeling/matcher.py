@@ -34,7 +34,7 @@ def validate_targets(targets: Sequence[PoseTargets], num_images: int, num_keypoi
     (shapes only: reading values would sync the device; the matcher checks the areas of the
     people it matches on the host)."""
     if len(targets) != num_images:
-        raise ValueError(f"targets: expected {num_images} PoseTargets (1 per image), got {len(targets)}")
+        raise ValueError(f"targets: expected {num_images} PoseTargets, got {len(targets)}")
     for b, t in enumerate(targets):
         if not isinstance(t, PoseTargets):
             raise TypeError(f"targets[{b}] is a {type(t).__name__}, not a PoseTargets")

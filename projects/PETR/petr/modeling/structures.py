@@ -1,13 +1,13 @@
 """Typed hand-offs between PETR's stages (the encoder's is `transformer.encoder.EncoderMemory`).
 
-    PETR.prepare_targets -> PoseTargets (one per image)
-    pose decoder, proposals, heads -> PETROutputs
-    PETRCriterion.match -> PETRMatches (one LayerMatch per matched layer)
-    PETR.predict -> PETRPredictions
+PETR.prepare_targets -> PoseTargets (one per image)
+pose decoder, proposals, heads -> PETROutputs
+PETRCriterion.match -> PETRMatches (one LayerMatch per matched layer)
+PETR.predict -> PETRPredictions
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from torch import Tensor
 
@@ -28,8 +28,8 @@ class PoseTargets:
     areas: Tensor
     boxes: Tensor
     image_size: Tuple[int, int]
-    host_keypoints: Optional[Tensor] = None
-    host_boxes: Optional[Tensor] = None
+    host_keypoints: Tensor | None = None
+    host_boxes: Tensor | None = None
 
 
 @dataclass
@@ -46,11 +46,11 @@ class PETROutputs:
 
     pose_logits: Tensor
     pose_kpts: Tensor
-    enc_logits: Optional[Tensor] = None
-    enc_kpts: Optional[Tensor] = None
-    joint_kpts: Optional[Tensor] = None
-    hm_logits: Optional[Tensor] = None
-    hm_padding_mask: Optional[Tensor] = None
+    enc_logits: Tensor | None = None
+    enc_kpts: Tensor | None = None
+    joint_kpts: Tensor | None = None
+    hm_logits: Tensor | None = None
+    hm_padding_mask: Tensor | None = None
 
 
 @dataclass
@@ -84,7 +84,7 @@ class PETRMatches:
     of `last`."""
 
     layers: List[LayerMatch]
-    enc: Optional[LayerMatch] = None
+    enc: LayerMatch | None = None
 
     @property
     def last(self) -> LayerMatch:
