@@ -179,3 +179,21 @@ def test_opera_loss_key_mapping():
     with pytest.raises(KeyError):
         opera_loss_key("loss_bbox")
     assert len(OPERA_LOSS_KEYS) == 16
+
+
+def test_joint_decoder_inputs_are_the_last_layer_matches_or_one_dummy():
+    crit = criterion()
+    kpts = torch.rand(2, 2, 4, 2 * K)
+    targets = [target([]), target([person(100, 80), person(40, 40)])]
+    kpts[1, 1, 3] = normalised(targets[1].keypoints[0])
+    kpts[1, 1, 0] = normalised(targets[1].keypoints[1])
+    out = outputs_for(torch.zeros(2, 2, 4, 1), kpts)
+    poses, counts = crit.joint_decoder_inputs(out, crit.match(out, targets))
+    assert counts == [0, 2]
+    torch.testing.assert_close(poses, kpts[1, 1, [0, 3]], rtol=0, atol=0)  # ascending query
+    assert not poses.requires_grad
+    # No positive in the batch: one zero pose on image 0, so the joint decoder still runs.
+    empty = [target([]), target([])]
+    poses, counts = crit.joint_decoder_inputs(out, crit.match(out, empty))
+    assert counts == [1, 0]
+    assert poses.shape == (1, 2 * K) and not poses.any()
