@@ -2,6 +2,7 @@
 Detectron2 inference of the same weights, and unsupported cases must fail clearly."""
 
 import contextlib
+import importlib
 import io
 import os
 import re
@@ -171,3 +172,37 @@ def test_swin_crowdpose_export_matches_pytorch(tmp_path):
     d = compare_predictions(_detectron2_predictions(model, image), run_onnxruntime(path, image))
     assert d["compared"] >= 3
     assert d["scores"] < SCORE_ATOL and d["keypoints"] < KPT_ATOL_PX
+
+
+def test_forward_export_and_tta_share_predict(monkeypatch, tmp_path):
+    """PETR.predict is the one inference path; export forces the reference attention through
+    petr.layers.deform_attn_backend and leaves the attention module's bindings alone."""
+    msda = importlib.import_module("petr.layers.ms_deform_attn")  # the module, not the function
+    from petr.modeling.meta_arch import PETR
+    from petr.modeling.test_time_augmentation import PETRWithTTA
+    from petr.modeling.transformer import attention
+
+    cfg, model = _perturbed_model("petr_R50.yaml")
+    calls, backends = [], []
+    original = PETR.predict
+
+    def predict(self, images):
+        calls.append(tuple(images.tensor.shape))
+        backends.append(msda.ms_deform_attn_backend("cpu"))
+        return original(self, images)
+
+    monkeypatch.setattr(PETR, "predict", predict)
+    bound = attention.ms_deform_attn
+    image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        model([{"image": image}])
+    export_petr_onnx(model, str(tmp_path / "m.onnx"), 64, 96)
+    assert attention.ms_deform_attn is bound
+    # eager run + trace, both on the reference; the reference is not left switched on after
+    assert calls[1:] == [(1, 3, 64, 96)] * 2 and backends[1:] == ["reference"] * 2
+    assert msda._forced_backend == "auto"
+    cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = (64, 96), 160, False
+    calls.clear()
+    with torch.no_grad():
+        PETRWithTTA(cfg, model).eval()([{"image": image}])
+    assert len(calls) == 2  # one predict per view

@@ -4,7 +4,6 @@ from .onnx_wrapper import (
     PETRONNXWrapper,
     compare_predictions,
     export_petr_onnx,
-    reference_deform_attn,
     run_onnxruntime,
     run_reference,
 )
@@ -13,7 +12,6 @@ __all__ = [
     "PETRONNXWrapper",
     "compare_predictions",
     "export_petr_onnx",
-    "reference_deform_attn",
     "run_onnxruntime",
     "run_reference",
 ]

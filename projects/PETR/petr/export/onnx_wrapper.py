@@ -12,11 +12,11 @@ Limits (tracing-based export, torch.onnx.export):
   split of the deformable attention, so the tracer records them as constants. onnxruntime
   rejects an input of any other size.
 - Batch size 1, no padding: the padding mask is all False and is folded into constants.
-- Deformable attention goes through `ms_deform_attn_reference` (GridSample, opset >= 16), never
-  the compiled `petr._C` kernel, which ONNX cannot express.
+- Deformable attention runs the pure-PyTorch reference (GridSample, opset >= 16), chosen with
+  `petr.layers.deform_attn_backend("reference")`, never the compiled `petr._C` kernel, which
+  ONNX cannot express.
 """
 
-import contextlib
 import warnings
 from typing import Dict, Tuple
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from detectron2.structures import ImageList
 
-from petr.layers import ms_deform_attn_reference
+from petr.layers import deform_attn_backend
 
 __all__ = [
     "MIN_OPSET",
@@ -33,31 +33,13 @@ __all__ = [
     "PETRONNXWrapper",
     "compare_predictions",
     "export_petr_onnx",
-    "reference_deform_attn",
     "run_onnxruntime",
+    "run_reference",
 ]
 
 MIN_OPSET = 16  # GridSample entered the ONNX standard in opset 16
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("scores", "keypoints", "boxes")
-
-
-@contextlib.contextmanager
-def reference_deform_attn():
-    """Within the block, PETR's attention modules call the pure-PyTorch deformable attention.
-
-    `petr.modeling.transformer.attention` binds `ms_deform_attn` (the dispatcher that prefers
-    the compiled kernel) at import; rebinding that module global is the one place to switch
-    every encoder/decoder layer at once. Restored on exit, also on error.
-    """
-    from petr.modeling.transformer import attention
-
-    saved = attention.ms_deform_attn
-    attention.ms_deform_attn = ms_deform_attn_reference
-    try:
-        yield
-    finally:
-        attention.ms_deform_attn = saved
 
 
 class PETRONNXWrapper(nn.Module):
@@ -70,7 +52,7 @@ class PETRONNXWrapper(nn.Module):
 
     def __init__(self, model: nn.Module, normalized_input: bool = False):
         super().__init__()
-        for part in ("encode", "proposals", "pose_decoder", "inference"):
+        for part in ("predict", "postprocess"):
             if not hasattr(model, part):
                 raise TypeError(f"Expected a PETR model, got {type(model).__name__} (no {part})")
         self.model = model
@@ -85,10 +67,7 @@ class PETRONNXWrapper(nn.Module):
         size = (int(image.shape[2]), int(image.shape[3]))
         # A single unpadded image: ImageList.from_tensors would only copy it.
         images = ImageList(image, [size])
-        enc = m.encode(images)
-        prop = m.proposals(enc)
-        _, logits, kpts = m.pose_decoder(enc, prop["reference_points"])
-        inst = m.inference(enc, logits, kpts, [{}], images.image_sizes)[0]["instances"]
+        inst = m.postprocess(m.predict(images), [{}], images.image_sizes)[0]["instances"]
         return inst.scores, inst.pred_keypoints, inst.pred_boxes.tensor
 
 
@@ -120,10 +99,9 @@ def export_petr_onnx(
     wrapper = PETRONNXWrapper(model.cpu(), normalized_input).eval()
     g = torch.Generator().manual_seed(0)  # leave the global RNG alone
     dummy = torch.rand(1, 3, height, width, generator=g) * (1.0 if normalized_input else 255.0)
-    with reference_deform_attn(), torch.no_grad(), warnings.catch_warnings():
+    with deform_attn_backend("reference"), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns wherever a shape becomes a constant: the fixed size is by design.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message="ms_deform_attn")
         # One eager run first: the model's own errors (e.g. too few encoder tokens) surface as
         # they are instead of wrapped in the exporter's TorchExportError.
         wrapper(dummy)
@@ -151,8 +129,7 @@ def run_onnxruntime(path: str, image: torch.Tensor) -> Dict[str, np.ndarray]:
 def run_reference(wrapper: PETRONNXWrapper, image: torch.Tensor) -> Dict[str, np.ndarray]:
     """The PyTorch outputs of the exported computation (reference deformable attention)."""
     wrapper.eval()
-    with reference_deform_attn(), torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="ms_deform_attn")
+    with deform_attn_backend("reference"), torch.no_grad():
         outs = wrapper(image)
     return {k: v.numpy() for k, v in zip(OUTPUT_NAMES, outs)}
 

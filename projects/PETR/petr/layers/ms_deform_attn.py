@@ -16,10 +16,13 @@ Sampling is bilinear with zero padding and pixel centres at (i + 0.5) / size
 Backends: `petr._C` CPU kernel (float32/float64) for CPU tensors, its CUDA kernel (float16,
 bfloat16, float32, float64; accumulates in float32 or float64) for CUDA tensors. When `petr._C`
 is missing or lacks the backend, `ms_deform_attn` warns once and runs the pure-PyTorch reference.
+`deform_attn_backend("reference")` (a context manager) forces one backend for a block, e.g. the
+reference for ONNX export, which cannot express the compiled kernel.
 On torch >= 2.4 the kernels are the custom op `torch.ops.petr.ms_deform_attn` (fake tensor and
 autograd registered, so torch.compile traces through it); on older torch an autograd Function.
 """
 
+import contextlib
 import warnings
 from typing import List, Tuple
 
@@ -32,7 +35,9 @@ from .ms_deform_attn_checks import check_ms_deform_attn_inputs
 
 __all__ = [
     "MSDeformAttnFunction",
+    "BACKENDS",
     "check_ms_deform_attn_inputs",
+    "deform_attn_backend",
     "ms_deform_attn",
     "ms_deform_attn_backend",
     "ms_deform_attn_reference",
@@ -98,6 +103,25 @@ _C, _C_ERROR = _load_ext()
 _C_HAS_CUDA = _C is not None and bool(_C.has_cuda())
 _C_CPU_PARALLEL = _C is not None and bool(_C.cpu_kernel_is_parallel())
 _warned = set()
+BACKENDS = ("auto", "compiled", "reference")
+# Set only by `deform_attn_backend`; read by dynamo as a guarded constant.
+_forced_backend = "auto"
+
+
+@contextlib.contextmanager
+def deform_attn_backend(backend: str):
+    """Within the block, every `ms_deform_attn` call (so every PETR attention layer) runs
+    `backend`: "reference" (pure PyTorch), "compiled" (petr._C; an error where it cannot run) or
+    "auto" (the kernel of the inputs' device, else the reference). Process-wide, not per thread;
+    the previous choice is restored on exit, also on error."""
+    global _forced_backend
+    if backend not in BACKENDS:
+        raise ValueError(f"deform_attn_backend: {backend!r} is not one of {BACKENDS}")
+    saved, _forced_backend = _forced_backend, backend
+    try:
+        yield
+    finally:
+        _forced_backend = saved
 
 
 def _missing_backend(device_type: str):
@@ -113,7 +137,9 @@ def _missing_backend(device_type: str):
 
 def ms_deform_attn_backend(device_type: str) -> str:
     """'compiled' when `ms_deform_attn` runs petr._C on `device_type` ('cpu', 'cuda'), else
-    'reference' (the pure-PyTorch fallback)."""
+    'reference' (the pure-PyTorch fallback, or forced by `deform_attn_backend`)."""
+    if _forced_backend != "auto":
+        return _forced_backend
     return "reference" if _missing_backend(device_type) else "compiled"
 
 
@@ -243,8 +269,12 @@ def ms_deform_attn(
     sizes = check_ms_deform_attn_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step
     )
+    if _forced_backend == "reference":
+        return _reference(value, sizes, sampling_locations, attention_weights)
     device_type = value.device.type
     why = _missing_backend(device_type)
+    if why is not None and _forced_backend == "compiled":
+        raise RuntimeError(f"deform_attn_backend('compiled'): {why}")
     if why is not None:
         _warn_once(
             device_type,

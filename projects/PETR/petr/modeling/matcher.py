@@ -20,6 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .losses import keypoint_oks
+from .structures import PoseTargets
 
 # mmdet FocalLossCost adds this inside its logs.
 FOCAL_COST_EPS = 1e-12
@@ -28,28 +29,26 @@ FOCAL_COST_EPS = 1e-12
 _MAX_CHUNK_ELEMENTS = 1 << 22
 
 
-def validate_targets(targets: Sequence[dict], num_images: int, num_keypoints: int) -> None:
-    """Raise a clear error if `targets` does not hold `num_images` well-formed dicts (shapes
-    and keys only: reading values would sync the device; the matcher checks the areas of the
+def validate_targets(targets: Sequence[PoseTargets], num_images: int, num_keypoints: int) -> None:
+    """Raise a clear error if `targets` does not hold `num_images` well-formed PoseTargets
+    (shapes only: reading values would sync the device; the matcher checks the areas of the
     people it matches on the host)."""
     if len(targets) != num_images:
-        raise ValueError(f"targets: expected {num_images} dicts (1 per image), got {len(targets)}")
+        raise ValueError(f"targets: expected {num_images} PoseTargets, got {len(targets)}")
     for b, t in enumerate(targets):
-        for key in ("keypoints", "areas", "image_size"):
-            if key not in t:
-                raise KeyError(f"targets[{b}] has no {key!r}")
-        kpts, areas = t["keypoints"], t["areas"]
+        if not isinstance(t, PoseTargets):
+            raise TypeError(f"targets[{b}] is a {type(t).__name__}, not a PoseTargets")
+        kpts, areas = t.keypoints, t.areas
         if kpts.dim() != 3 or kpts.shape[1:] != (num_keypoints, 3):
             raise ValueError(
-                f"targets[{b}]['keypoints'] must be (G, {num_keypoints}, 3), "
-                f"got {tuple(kpts.shape)}"
+                f"targets[{b}].keypoints must be (G, {num_keypoints}, 3), got {tuple(kpts.shape)}"
             )
         if areas.shape != (kpts.shape[0],):
             raise ValueError(
-                f"targets[{b}]['areas'] must be ({kpts.shape[0]},), got {tuple(areas.shape)}"
+                f"targets[{b}].areas must be ({kpts.shape[0]},), got {tuple(areas.shape)}"
             )
-        if len(t["image_size"]) != 2:
-            raise ValueError(f"targets[{b}]['image_size'] must be (h, w), got {t['image_size']}")
+        if len(t.image_size) != 2:
+            raise ValueError(f"targets[{b}].image_size must be (h, w), got {t.image_size}")
 
 
 class PETRHungarianMatcher(nn.Module):
@@ -82,15 +81,15 @@ class PETRHungarianMatcher(nn.Module):
     # scipy on the host: torch.compile runs the matcher eagerly (one graph break per call)
     @torch.compiler.disable
     @torch.no_grad()
-    def forward(self, logits: Tensor, kpts: Tensor, targets: Sequence[dict]) -> list:
+    def forward(self, logits: Tensor, kpts: Tensor, targets: Sequence[PoseTargets]) -> list:
         """Match every image of the batch.
 
         Args:
             logits: (B, Q, 1) class logits.
             kpts: (B, Q, 2K) predicted keypoints, normalised to [0, 1] by the unpadded image size,
                 interleaved (x0, y0, x1, y1, ...).
-            targets: B dicts with "keypoints" (G, K, 3) pixels (x, y, v), "areas" (G,) pixels^2
-                and "image_size" (h, w) of the unpadded image.
+            targets: B PoseTargets; their keypoints (G, K, 3) pixels (x, y, v), areas (G,)
+                pixels^2 and image_size (h, w) of the unpadded image are read.
 
         Returns:
             Per image a pair (pred_idx, gt_idx) of int64 tensors on `logits.device`; pred_idx is
@@ -108,12 +107,12 @@ class PETRHungarianMatcher(nn.Module):
         device, num_queries = logits.device, logits.shape[1]
         pieces, people = [], []
         for b, target in enumerate(targets):
-            gt = target["keypoints"].to(device=device, dtype=torch.float32)
-            areas = target["areas"].to(device=device, dtype=torch.float32)
+            gt = target.keypoints.to(device=device, dtype=torch.float32)
+            areas = target.areas.to(device=device, dtype=torch.float32)
             people.append(gt.shape[0])
             if gt.shape[0] and num_queries:
                 # every person, also those without a visible joint (dropped on the host below)
-                cost = self.cost_matrix(logits[b, :, 0], kpts[b], gt, areas, target["image_size"])
+                cost = self.cost_matrix(logits[b, :, 0], kpts[b], gt, areas, target.image_size)
             else:
                 cost = logits.new_zeros(0)
             pieces += [cost.flatten(), (gt[..., 2] > 0).any(1).float(), areas]
@@ -130,7 +129,7 @@ class PETRHungarianMatcher(nn.Module):
         """Hungarian assignment of image b on the host, among its people with a visible joint."""
         keep = np.flatnonzero(has_joint > 0)
         if not (areas[keep] > 0).all():
-            raise ValueError(f"targets[{b}]['areas'] must be > 0 for people with visible joints")
+            raise ValueError(f"targets[{b}].areas must be > 0 for people with visible joints")
         if keep.size == 0 or num_queries == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return empty, empty.clone()

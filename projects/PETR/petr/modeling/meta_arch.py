@@ -1,7 +1,8 @@
 """PETR as a Detectron2 meta-architecture.
 
 preprocess -> backbone -> neck -> deformable encoder -> point proposals -> pose decoder
--> joint decoder -> criterion (training) | postprocess (inference).
+-> criterion.match -> joint decoder -> criterion (training)
+ | top-k -> joint decoder (`predict`, the one inference path) -> postprocess (inference).
 Follows the official implementation (hikvision-research/opera, PETR / PETRHead / PETRTransformer).
 """
 
@@ -19,6 +20,7 @@ from .backbone.channel_mapper import PETRChannelMapper
 from .criterion import PETRCriterion
 from .matcher import PETRHungarianMatcher
 from .postprocess import oks_nms, poses_to_instances
+from .structures import PETROutputs, PETRPredictions, PoseTargets
 from .transformer.encoder import PETRTransformerEncoder
 from .transformer.heatmap import PETRHeatmapHead
 from .transformer.joint_decoder import PETRJointDecoder
@@ -45,8 +47,8 @@ class PETR(nn.Module):
         pose_decoder: PETRPoseDecoder,
         joint_decoder: PETRJointDecoder,
         heatmap_head: PETRHeatmapHead,
-        matcher: PETRHungarianMatcher,
         criterion: PETRCriterion,
+        matcher: PETRHungarianMatcher | None = None,
         num_keypoints: int,
         detections_per_image: int,
         pixel_mean,
@@ -65,7 +67,9 @@ class PETR(nn.Module):
         self.pose_decoder = pose_decoder
         self.joint_decoder = joint_decoder
         self.heatmap_head = heatmap_head
-        self.matcher = matcher
+        # All matching happens in the criterion; `matcher` is accepted only as its own matcher.
+        if matcher is not None and matcher is not criterion.matcher:
+            raise ValueError("PETR: matcher must be criterion.matcher (the criterion matches)")
         self.criterion = criterion
         self.num_keypoints = num_keypoints
         self.detections_per_image = detections_per_image
@@ -197,16 +201,14 @@ class PETR(nn.Module):
         """batched_inputs: Detectron2 dicts with "image" (C, H, W) in INPUT.FORMAT and, for
         training, "instances" with gt_keypoints (pixels of that image), gt_areas and gt_boxes.
         Training returns a dict of weighted losses; inference a list of {"instances": ...}."""
+        if not self.training:
+            return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         enc = self.encode(images)
-        prop = self.proposals(enc)
-        _, logits, kpts = self.pose_decoder(enc, prop["reference_points"])
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images.image_sizes)
-            return self.losses(enc, prop, logits, kpts, targets)
-        return self.inference(enc, logits, kpts, batched_inputs, images.image_sizes)
+        targets = self.prepare_targets(batched_inputs, images.image_sizes)
+        return self.losses(enc, targets)
 
-    def prepare_targets(self, batched_inputs, image_sizes):
+    def prepare_targets(self, batched_inputs, image_sizes) -> List[PoseTargets]:
         targets = []
         for x, size in zip(batched_inputs, image_sizes):
             if "instances" not in x:
@@ -219,58 +221,61 @@ class PETR(nn.Module):
                     f"keypoints, the model expects {self.num_keypoints}"
                 )
             targets.append(
-                {
-                    "keypoints": kpts,
-                    "areas": inst.gt_areas.float(),
-                    "boxes": inst.gt_boxes.tensor,
-                    "image_size": tuple(size),
+                PoseTargets(
+                    keypoints=kpts,
+                    areas=inst.gt_areas.float(),
+                    boxes=inst.gt_boxes.tensor,
+                    image_size=tuple(size),
                     # the heatmap targets are drawn on the host: keep the loader's copies
-                    "host_keypoints": x["instances"].gt_keypoints.tensor,
-                    "host_boxes": x["instances"].gt_boxes.tensor,
-                }
+                    host_keypoints=x["instances"].gt_keypoints.tensor,
+                    host_boxes=x["instances"].gt_boxes.tensor,
+                )
             )
         return targets
 
-    def losses(self, enc, prop, logits, kpts, targets):
-        last_indices = self.matcher(logits[-1], kpts[-1], targets)
+    def losses(self, enc, targets: List[PoseTargets]) -> Dict[str, torch.Tensor]:
+        prop = self.proposals(enc)
+        _, logits, kpts = self.pose_decoder(enc, prop["reference_points"])
+        outputs = PETROutputs(logits, kpts, prop["enc_logits"], prop["enc_kpts"])
+        matches = self.criterion.match(outputs, targets)
         # The joint decoder refines the matched poses of the last layer (detached).
-        selected = [kpts[-1][b, pred.to(self.device)] for b, (pred, _) in enumerate(last_indices)]
-        counts = [int(s.shape[0]) for s in selected]
-        dummy = sum(counts) == 0
-        if dummy:  # keep the joint decoder in the graph; its losses are multiplied by 0
-            selected = [kpts.new_zeros(1, kpts.shape[-1])]
-            counts = [1] + [0] * (len(targets) - 1)
-        joint_kpts = self.joint_decoder(enc, torch.cat(selected).detach(), counts)
-        hm_logits, hm_mask = self.heatmap_head(enc)
-        outputs = {
-            "pose_logits": logits,
-            "pose_kpts": kpts,
-            "enc_logits": prop["enc_logits"],
-            "enc_kpts": prop["enc_kpts"],
-            "last_indices": last_indices,
-            "joint_kpts": joint_kpts,
-            "joint_dummy": dummy,
-            "hm_logits": hm_logits,
-            "hm_padding_mask": hm_mask,
-        }
-        return self.criterion(outputs, targets)
+        poses, counts = self.criterion.joint_decoder_inputs(outputs, matches)
+        outputs.joint_kpts = self.joint_decoder(enc, poses, counts)
+        outputs.hm_logits, outputs.hm_padding_mask = self.heatmap_head(enc)
+        return self.criterion(outputs, targets, matches)
 
-    def inference(self, enc, logits, kpts, batched_inputs, image_sizes):
-        """Top poses by score, refined by the joint decoder, in original-image pixels."""
+    def predict(self, images: ImageList) -> PETRPredictions:
+        """The one inference path (forward, TTA through forward, ONNX export): encoder,
+        proposals, pose decoder, the top min(detections_per_image, Q) poses by score, refined
+        by the joint decoder. Keypoints stay normalised by each unpadded image size; see
+        `postprocess` for pixels. No host sync, static shapes (torch.compile, ONNX)."""
+        enc = self.encode(images)
+        prop = self.proposals(enc)
+        _, logits, kpts = self.pose_decoder(enc, prop["reference_points"])
         B, Q, _ = logits[-1].shape
         k = min(self.detections_per_image, Q)
         scores, idx = logits[-1][..., 0].sigmoid().topk(k, dim=1)  # (B, k), sorted
         top = torch.gather(kpts[-1], 1, idx[..., None].expand(-1, -1, kpts.shape[-1]))
         refined = self.joint_decoder(enc, top.flatten(0, 1), [k] * B)[-1]  # (B*k, K, 2)
-        refined = refined.view(B, k, self.num_keypoints, 2)
+        return PETRPredictions(scores, refined.view(B, k, self.num_keypoints, 2))
+
+    def postprocess(self, predictions: PETRPredictions, batched_inputs, image_sizes):
+        """[{"instances": Instances}] in pixels of each original image (the input dict's
+        "height"/"width", else the network input's size), OKS-NMS'ed when enabled."""
         results = []
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
             inst = poses_to_instances(
-                refined[b], scores[b], size, out_size, self.output_pixel_offset
-            )
+                predictions.keypoints[b], predictions.scores[b], size, out_size,
+                self.output_pixel_offset,
+            )  # fmt: skip
             if self.oks_nms_thresh > 0:
                 sigmas = self.criterion.oks_sigmas
                 inst = inst[oks_nms(inst.pred_keypoints, inst.scores, sigmas, self.oks_nms_thresh)]
             results.append({"instances": inst})
         return results
+
+    def inference(self, batched_inputs: List[Dict]):
+        """Top poses by score, refined by the joint decoder, in original-image pixels."""
+        images = self.preprocess_image(batched_inputs)
+        return self.postprocess(self.predict(images), batched_inputs, images.image_sizes)

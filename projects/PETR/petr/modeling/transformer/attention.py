@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from petr.layers import ms_deform_attn
 
 
-def _deform_attn_fp32(value, spatial_shapes, level_start_index, locations, weights, im2col_step):
+def _deform_attn_fp32(value, spatial_shapes, level_start_index, locations, weights):
     """The op in float32 whatever autocast did to its inputs: under autocast the projections give
     fp16/bf16 values while the locations stay fp32, and low-precision sampling locations would
     cost up to a pixel on large maps (as Mask2Former does)."""
@@ -26,14 +26,13 @@ def _deform_attn_fp32(value, spatial_shapes, level_start_index, locations, weigh
             level_start_index,
             locations.float(),
             weights.float(),
-            im2col_step,
         )
 
 
 class _DeformAttnBase(nn.Module):
     """Shared projections: value/output projections, offsets and attention-weight predictors."""
 
-    def __init__(self, embed_dim, num_heads, num_levels, num_points, dropout, im2col_step):
+    def __init__(self, embed_dim, num_heads, num_levels, num_points, dropout):
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -41,7 +40,6 @@ class _DeformAttnBase(nn.Module):
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.num_points = num_points
-        self.im2col_step = im2col_step
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
@@ -79,9 +77,7 @@ class _DeformAttnBase(nn.Module):
         return self.sampling_locations(offsets, reference_points, spatial_shapes), weights
 
     def attend(self, value, spatial_shapes, level_start_index, locations, weights):
-        out = _deform_attn_fp32(
-            value, spatial_shapes, level_start_index, locations, weights, self.im2col_step
-        )
+        out = _deform_attn_fp32(value, spatial_shapes, level_start_index, locations, weights)
         return self.dropout(self.output_proj(out))
 
     def forward(
@@ -138,7 +134,6 @@ class _DeformAttnBase(nn.Module):
                 level_start_index,
                 locs.flatten(0, 1)[None],
                 w.flatten(0, 1)[None],
-                self.im2col_step,
             )
             outs.append(out.view(-1, K, C))
         out = torch.cat(outs, 0) if outs else query.new_zeros(0, K, C)
@@ -148,10 +143,8 @@ class _DeformAttnBase(nn.Module):
 class PETRMSDeformAttn(_DeformAttnBase):
     """Multi-scale deformable attention with one 2-D reference point per query."""
 
-    def __init__(
-        self, embed_dim=256, num_heads=8, num_levels=4, num_points=4, dropout=0.1, im2col_step=64
-    ):
-        super().__init__(embed_dim, num_heads, num_levels, num_points, dropout, im2col_step)
+    def __init__(self, embed_dim=256, num_heads=8, num_levels=4, num_points=4, dropout=0.1):
+        super().__init__(embed_dim, num_heads, num_levels, num_points, dropout)
 
     def _reset_parameters(self):
         super()._reset_parameters()
@@ -184,11 +177,8 @@ class PETRPoseDeformAttn(_DeformAttnBase):
     is the extent (clamped at 1e-4) of the K reference keypoints. Offsets start at zero.
     """
 
-    def __init__(
-        self, embed_dim=256, num_heads=8, num_levels=4, num_keypoints=17, dropout=0.1,
-        im2col_step=64,
-    ):  # fmt: skip
-        super().__init__(embed_dim, num_heads, num_levels, num_keypoints, dropout, im2col_step)
+    def __init__(self, embed_dim=256, num_heads=8, num_levels=4, num_keypoints=17, dropout=0.1):
+        super().__init__(embed_dim, num_heads, num_levels, num_keypoints, dropout)
 
     def _reset_parameters(self):
         super()._reset_parameters()

@@ -27,7 +27,7 @@ class PETRJointDecoder(nn.Module):
                 num_heads,
                 ffn_dim,
                 dropout,
-                PETRMSDeformAttn(dim, num_heads, num_levels, num_points, dropout, im2col_step=128),
+                PETRMSDeformAttn(dim, num_heads, num_levels, num_points, dropout),
             )  # fmt: skip
             for _ in range(num_layers)
         )
