@@ -82,7 +82,7 @@ def test_failed_measurement_is_reported_in_the_table(tiny_config):
     rc, out = _run(tiny_config, "--precisions", "fp32", *opts)
     assert rc == 1
     (row,) = _rows(out)
-    assert "failed: ValueError" in row[5] and "NUM_PROPOSALS" in row[5]
+    assert "failed: ValueError" in row[5] and "NUM_QUERIES" in row[5]
 
 
 def test_paper_note_names_the_backbone():

@@ -129,7 +129,7 @@ def test_unsupported_export_requests_raise(exported, tmp_path, capsys):
     assert "GridSample" in capsys.readouterr().err
     # 96x128 gives 256 encoder tokens, fewer than 400 proposals: the model refuses it mid-trace
     _, greedy = _perturbed_model("petr_R50.yaml", "MODEL.PETR.NUM_QUERIES", 400)
-    with pytest.raises(ValueError, match="256 encoder tokens.*NUM_PROPOSALS=400"):
+    with pytest.raises(ValueError, match="256 encoder tokens.*NUM_QUERIES=400"):
         export_petr_onnx(greedy, str(tmp_path / "b.onnx"), 96, 128)
     assert attention.ms_deform_attn is dispatcher  # restored even though the export failed
     with pytest.raises(ValueError, match=r"\(1, 3, H, W\).*\(2, 3, 32, 32\)"):

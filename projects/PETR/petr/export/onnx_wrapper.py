@@ -4,7 +4,7 @@ The exported graph takes a (1, 3, H, W) float32 image and returns, sorted by des
     scores     (N,)       sigmoid pose scores
     keypoints  (N, K, 3)  (x, y, 1) in pixels of the input image
     boxes      (N, 4)     xyxy pixels, the tight box of the keypoints
-with N = min(MODEL.PETR.DETECTIONS_PER_IMAGE, NUM_QUERIES).
+with N = min(TEST.DETECTIONS_PER_IMAGE, MODEL.PETR.NUM_QUERIES).
 
 Limits (tracing-based export, torch.onnx.export):
 - H and W are frozen at export time: the model reads feature-map shapes as Python ints

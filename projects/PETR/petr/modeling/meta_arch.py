@@ -48,7 +48,6 @@ class PETR(nn.Module):
         joint_decoder: PETRJointDecoder,
         heatmap_head: PETRHeatmapHead,
         criterion: PETRCriterion,
-        matcher: PETRHungarianMatcher | None = None,
         num_keypoints: int,
         detections_per_image: int,
         pixel_mean,
@@ -67,9 +66,6 @@ class PETR(nn.Module):
         self.pose_decoder = pose_decoder
         self.joint_decoder = joint_decoder
         self.heatmap_head = heatmap_head
-        # All matching happens in the criterion; `matcher` is accepted only as its own matcher.
-        if matcher is not None and matcher is not criterion.matcher:
-            raise ValueError("PETR: matcher must be criterion.matcher (the criterion matches)")
         self.criterion = criterion
         self.num_keypoints = num_keypoints
         self.detections_per_image = detections_per_image
@@ -144,7 +140,6 @@ class PETR(nn.Module):
             "heatmap_head": PETRHeatmapHead(
                 **common, num_layers=p.HM_ENC_LAYERS, num_points=p.ENC_N_POINTS, num_keypoints=K
             ),
-            "matcher": matcher,
             "criterion": PETRCriterion(
                 matcher=matcher,
                 num_keypoints=K,

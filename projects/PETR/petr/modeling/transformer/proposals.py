@@ -69,8 +69,8 @@ class PETRPointProposals(nn.Module):
         kpt_logits = (delta.view(B, S, -1, 2) + centres[:, :, None, :]).view(B, S, -1)
         if S < self.num_proposals:
             raise ValueError(
-                f"The image gives {S} encoder tokens, fewer than MODEL.PETR.NUM_PROPOSALS="
-                f"{self.num_proposals}: use a larger input or fewer proposals"
+                f"The image gives {S} encoder tokens, fewer than MODEL.PETR.NUM_QUERIES="
+                f"{self.num_proposals}: use a larger input or fewer queries"
             )
         topk = torch.topk(logits[..., 0], self.num_proposals, dim=1)[1]
         ref_logits = torch.gather(
