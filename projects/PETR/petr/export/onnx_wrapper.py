@@ -6,10 +6,13 @@ The exported graph takes a (1, 3, H, W) float32 image and returns, sorted by des
     boxes      (N, 4)     xyxy pixels, the tight box of the keypoints
 with N = min(TEST.DETECTIONS_PER_IMAGE, MODEL.PETR.NUM_QUERIES).
 
-Limits (tracing-based export, torch.onnx.export):
-- H and W are frozen at export time: the model reads feature-map shapes as Python ints
-  (`spatial_shapes.tolist()`) to build reference points, position encodings and the per-level
-  split of the deformable attention, so the tracer records them as constants. onnxruntime
+Exporter: `torch.onnx.export` with torch's default, the `torch.export`-based exporter (with
+onnxscript) on torch >= 2.9, the TorchScript tracer on older torch (the floor stack).
+
+Limits:
+- H and W are frozen at export time: feature-map sizes travel as Python ints
+  (`EncoderMemory.spatial_shapes`) into reference points, position encodings and the per-level
+  split of the deformable attention, so both exporters record them as constants. onnxruntime
   rejects an input of any other size.
 - Batch size 1, no padding: the padding mask is all False and is folded into constants.
 - Deformable attention runs the pure-PyTorch reference (GridSample, opset >= 16), chosen with
