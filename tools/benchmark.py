@@ -142,6 +142,7 @@ def measure(args, device, precision) -> dict:
         compile_backend=args.compile_backend,
         compare=args.compare,
         kpt_boxes=args.kpt_boxes,
+        stages=args.stages,
     )
     proc = subprocess.run(
         [sys.executable, "-m", "petr.benchmark.measure", json.dumps(spec)],

@@ -6,9 +6,11 @@ Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("
 | "bf16", autocast), height, width, batch_size, warmup, iters; optional compile (bool),
 compile_mode (torch.compile mode, default MODEL.PETR.COMPILE.MODE), compile_backend
 (default "inductor"), compare ("keypoint_rcnn")
-and kpt_boxes (person boxes per image for Keypoint R-CNN's keypoint head, default 20).
+kpt_boxes (person boxes per image for Keypoint R-CNN's keypoint head, default 20) and stages
+(bool: also time each stage of the eager model).
 """
 
+import contextlib
 import json
 import resource
 import sys
@@ -164,9 +166,10 @@ def run_measurement(spec: Dict) -> Dict:
     (spec "compare" == "keypoint_rcnn", inference). Returns for the eager model ms_per_iter
     (mean), ms_per_iter_min, images_per_s, iters_per_s, peak_mem_mib (CUDA:
     max_memory_allocated; CPU: peak RSS increase over the built model), the deformable-attention
-    backend and "stages" (mean ms per stage); "compiled" and "keypoint_rcnn" hold ms_per_iter
-    and ms_per_iter_min of the others (plus compile_s, the first compiled call, and boxes, the
-    mean person boxes per image its keypoint head ran on)."""
+    backend and, with spec "stages", "stages" (mean ms per stage); "compiled" and
+    "keypoint_rcnn" hold ms_per_iter and ms_per_iter_min of the others (plus compile_s, the
+    first compiled call, and boxes, the mean person boxes per image its keypoint head ran
+    on)."""
     device, precision, train = spec["device"], spec["precision"], spec["mode"] == "train"
     if precision not in ("fp32", *AUTOCAST_DTYPES):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -211,14 +214,13 @@ def run_measurement(spec: Dict) -> Dict:
         for _ in range(spec["warmup"] - 1):
             run()
     _sync(device)
-    timer = StageTimer(model, device)
+    # Stage hooks only when asked for: on CUDA they synchronise at every stage boundary, which
+    # would slow the eager iterations against the compiled ones.
+    timer = StageTimer(model, device) if spec.get("stages") else None
     times = {name: [] for name in runners}
     for _ in range(spec["iters"]):  # alternate, so that machine load hits every model alike
         for name, run in runners.items():
-            if name == "eager":
-                with timer:
-                    times[name].append(_timed(run, device))
-            else:
+            with timer if timer is not None and name == "eager" else contextlib.nullcontext():
                 times[name].append(_timed(run, device))
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -233,8 +235,9 @@ def run_measurement(spec: Dict) -> Dict:
         "peak_mem_mib": peak,
         "deform_attn": deform_attn_backend(device.split(":")[0]),
         "threads": torch.get_num_threads(),
-        "stages": timer.mean_ms(),
     }
+    if timer is not None:
+        result["stages"] = timer.mean_ms()
     if "compiled" in runners:
         result["compiled"] = {**_stats(times["compiled"]), "compile_s": first_call["compiled"]}
     if compare:
