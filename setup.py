@@ -60,17 +60,26 @@ def _nvcc_toolkit():
     return home, (release.group(1) if release else None)
 
 
+# Library headers that torch's CUDA headers include and a bare nvcc toolkit lacks.
+_LIBRARY_HEADERS = ("cusparse.h", "cublas_v2.h", "cusolverDn.h")
+
+
 def _wheel_cuda_include_dirs(toolkit):
-    """Folders of the venv's nvidia-* wheels holding the cuSPARSE/cuBLAS headers torch's CUDA
-    headers include, when the toolkit itself lacks them (a bare nvcc install does)."""
-    if os.path.exists(os.path.join(toolkit, "include", "cusparse.h")):
-        return []
+    """Folders of the venv's nvidia-* wheels holding the library headers torch's CUDA headers
+    include, for each one the toolkit itself lacks. CUDA 13 wheels keep them all in
+    nvidia/cu13/include, CUDA 12 wheels one folder per library (nvidia/cusparse/include, ...)."""
     found = []
-    for site in sys.path:
-        # CUDA 13 wheels: nvidia/cu13/include; CUDA 12 wheels: nvidia/<library>/include.
-        for header in glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")):
-            found.append(os.path.dirname(header))
-    return found[:1]
+    for header in _LIBRARY_HEADERS:
+        if os.path.exists(os.path.join(toolkit, "include", header)):
+            continue
+        hits = [
+            h
+            for site in sys.path
+            for h in glob.glob(os.path.join(site, "nvidia", "*", "include", header))
+        ]
+        if hits and os.path.dirname(hits[0]) not in found:
+            found.append(os.path.dirname(hits[0]))
+    return found
 
 
 def _cuda_build_plan():
