@@ -17,8 +17,8 @@ import sys
 
 import torch
 
+from petr.checkpoint.opera_converter import OperaCheckpointError, read_checkpoint
 from petr.checkpoint.swin_keys import convert_microsoft_swin, swin_arch_from_state_dict
-from petr.utils.compat import torch_load
 
 
 def _summarise(keys):
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     try:
         # Runs no code from the file; objects other than tensors and plain data (none in the
         # official release) load as inert placeholders.
-        ckpt = torch_load(args.src, placeholders=True)
-    except Exception as e:  # torch raises several types for a bad file
-        sys.exit(f"{args.src}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+        ckpt = read_checkpoint(args.src)
+    except OperaCheckpointError as e:  # missing or not a PyTorch checkpoint, naming the file
+        sys.exit(str(e))
     if not isinstance(ckpt, dict):
         sys.exit(f"{args.src}: expected a dict checkpoint, got {type(ckpt).__name__}")
     try:

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
+from petr.checkpoint.opera_converter import OperaCheckpointError, read_checkpoint
 from petr.checkpoint.torchvision_resnet import convert_torchvision_resnet
-from petr.utils.compat import torch_load
 
 
 def main(argv=None):
@@ -23,9 +23,9 @@ def main(argv=None):
     parser.add_argument("dst", help="output .pth for MODEL.WEIGHTS")
     args = parser.parse_args(argv)
     try:
-        sd = torch_load(args.src, placeholders=True)  # runs no code from the file
-    except Exception as e:  # torch raises several types for a bad file
-        print(f"error: cannot read {args.src}: {e}", file=sys.stderr)
+        sd = read_checkpoint(args.src)  # runs no code from the file
+    except OperaCheckpointError as e:  # missing or not a PyTorch checkpoint, naming the file
+        print(f"error: {e}", file=sys.stderr)
         return 1
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     try:
