@@ -17,6 +17,7 @@ from detectron2.structures import Boxes, BoxMode, Instances, Keypoints
 from detectron2.utils.logger import log_first_n
 
 from .bad_images import BAD_IMAGES_KEY, UNREADABLE_KEY
+from .image_io import read_image
 from .metadata import keypoint_spec
 from .transforms import (
     AffineWarpTransform,
@@ -182,7 +183,7 @@ class PETRDatasetMapper:
         file_name = dataset_dict["file_name"]
         try:
             # PIL raises OSError (missing, truncated), ValueError or SyntaxError (undecodable)
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format)
         except (OSError, ValueError, SyntaxError) as e:
             return self._bad_read(file_name, f"{type(e).__name__}: {e}")
         utils.check_image_size(dataset_dict, image)  # a wrong json is an error, not a bad file

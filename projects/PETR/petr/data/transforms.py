@@ -266,8 +266,11 @@ class RandomChoice(T.Augmentation):
 
 def build_petr_augmentation(cfg, is_train):
     """The official augmentation list: photometric distortion, affine, flip, then the two
-    resize/crop policies (training), or the keep-ratio resize to MIN_SIZE_TEST (test)."""
+    resize/crop policies (training), or the keep-ratio resize to MIN_SIZE_TEST (test; none when
+    INPUT.MIN_SIZE_TEST is 0, as in Detectron2)."""
     if not is_train:
+        if cfg.INPUT.MIN_SIZE_TEST == 0:  # Detectron2's "no resize at test"
+            return []
         return [RescaleShortEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
     p = cfg.INPUT.PETR
     augs = []

@@ -14,7 +14,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from ..checkpoint.checkpointer import PETRCheckpointer
-from ..config import check_device
+from ..config import check_config
 from ..data.transforms import build_petr_augmentation
 from ..modeling.compile import compile_model
 from ..modeling.test_time_augmentation import PETRWithTTA
@@ -33,7 +33,7 @@ class PETRPredictor(DefaultPredictor):
     def __init__(self, cfg, config_file=None):
         # DefaultPredictor.__init__ with PETR's checks and checkpointer (official checkpoints,
         # safe loading); `config_file` only names the config in loading errors.
-        check_device(cfg)
+        check_config(cfg)
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
         if len(cfg.DATASETS.TEST):

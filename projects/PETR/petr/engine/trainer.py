@@ -34,7 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import PETRCheckpointer
-from ..config import check_device
+from ..config import check_config
 from ..data.bad_images import BadImageMonitor, SkipUnreadableImages
 from ..data.dataset_mapper import PETRDatasetMapper
 from ..data.metadata import KeypointSpec
@@ -115,7 +115,7 @@ class PETRTrainer(DefaultTrainer):
     def build_model(cls, cfg):
         """DefaultTrainer's model, after the MODEL.DEVICE check, compiled in place when
         MODEL.PETR.COMPILE.ENABLED (training and --eval-only both build the model here)."""
-        check_device(cfg)
+        check_config(cfg)
         return compile_model(super().build_model(cfg), cfg)
 
     @classmethod

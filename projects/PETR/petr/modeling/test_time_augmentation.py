@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from detectron2.config import configurable
-from detectron2.data.detection_utils import read_image
 from detectron2.structures import Instances
 from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.image_io import read_image
 from ..data.metadata import keypoint_spec
 from ..data.transforms import CV2ResizeTransform, rescale_size
 from .postprocess import keypoint_boxes, pose_instances, pose_oks
