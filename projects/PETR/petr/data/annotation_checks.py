@@ -83,6 +83,15 @@ class AnnotationReport:
         shown += list(names)[: 5 - len(shown)]
         self.bad += bad_annotations
 
+    def add_codes(self, codes, name_of, bad_codes):
+        """Count the reason codes of `check_annotations` (`name_of(i)`: the name of annotation
+        i); those in `bad_codes` count as bad."""
+        self.total += len(codes)
+        for code in np.unique(codes[codes != OK]):
+            where = np.flatnonzero(codes == code)
+            bad = len(where) if int(code) in bad_codes else 0
+            self.add(REASONS[int(code)], map(name_of, where[:5]), len(where), bad)
+
     @property
     def share(self) -> float:
         return self.bad / self.total if self.total else 0.0
@@ -311,12 +320,7 @@ def check_dataset(records, dataset_name: str, num_keypoints: int, metadata):
         others = np.array([a.get("category_id") != person for a in annos], bool)
         codes[others & (codes > 1)] = OK
     report = AnnotationReport(dataset_name, metadata.get("json_file", None) or dataset_name)
-    report.total = len(annos)
-    for code in np.unique(codes[codes != OK]):
-        where = np.flatnonzero(codes == code)
-        names = (annotation_name(*flat[i]) for i in where[:5])
-        bad = len(where) if int(code) in DROPPED_REASONS else 0  # invalid boxes: the official filter's
-        report.add(REASONS[int(code)], names, len(where), bad)
+    report.add_codes(codes, lambda i: annotation_name(*flat[i]), DROPPED_REASONS)
     if not np.isin(codes, list(DROPPED_REASONS)).any():
         return records, report
     drop = {id(flat[i][1]) for i in np.flatnonzero(np.isin(codes, list(DROPPED_REASONS)))}
