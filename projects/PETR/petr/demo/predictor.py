@@ -96,6 +96,22 @@ def draw_poses(
     )
 
 
+def _shrink_for_drawing(image, instances, scale):
+    """The image and the poses (pixels) scaled by `scale` < 1, for drawing only."""
+    h, w = (max(1, round(side * scale)) for side in image.shape[:2])
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    shrunk = Instances((h, w), **instances.get_fields())
+    if shrunk.has("pred_keypoints"):
+        kpts = shrunk.pred_keypoints.clone()
+        kpts[..., :2] *= scale
+        shrunk.pred_keypoints = kpts
+    if shrunk.has("pred_boxes"):
+        boxes = shrunk.pred_boxes.clone()
+        boxes.scale(scale, scale)
+        shrunk.pred_boxes = boxes
+    return image, shrunk
+
+
 class VisualizationDemo:
     """Predict and draw poses on images and videos; the metadata (joint names, skeleton) comes
     from cfg.DATASETS.TEST[0]."""
@@ -113,11 +129,17 @@ class VisualizationDemo:
         num_keypoints = (model.model if isinstance(model, PETRWithTTA) else model).num_keypoints
         check_keypoint_metadata(self.metadata, num_keypoints)
 
-    def run_on_image(self, image: np.ndarray) -> Tuple[dict, VisImage]:
-        """image: (H, W, 3) uint8 BGR. Returns (predictions, the drawing as a VisImage (RGB))."""
+    def run_on_image(self, image: np.ndarray, max_side=None) -> Tuple[dict, VisImage]:
+        """image: (H, W, 3) uint8 BGR. Returns (predictions, the drawing as a VisImage (RGB)).
+        max_side: draw on the image shrunk to this long side when it is longer (drawing a
+        48 MP photo at full size takes several GB); None: full size."""
         predictions = self.predictor(image)
+        instances = predictions["instances"]
+        scale = min(1.0, max_side / max(image.shape[:2])) if max_side else 1.0
+        if scale < 1:
+            image, instances = _shrink_for_drawing(image, instances.to("cpu"), scale)
         vis = draw_poses(
-            image[:, :, ::-1], predictions["instances"], self.metadata,
+            image[:, :, ::-1], instances, self.metadata,
             self.confidence_threshold, self.instance_mode,
         )  # fmt: skip
         return predictions, vis
