@@ -10,9 +10,11 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from petr import add_petr_config
+from petr.data.datasets.custom import register_coco_keypoint_dataset
 from petr.data.metadata import COCO_OKS_SIGMAS
 from petr.layers.ms_deform_attn import ms_deform_attn_reference
 from petr.modeling.backbone.swin import PETRSwinTransformer
@@ -90,6 +92,51 @@ def shrink_cfg(cfg):
     else:
         r = cfg.MODEL.RESNETS
         r.STEM_OUT_CHANNELS, r.NUM_GROUPS, r.WIDTH_PER_GROUP, r.RES2_OUT_CHANNELS = 16, 1, 8, 32
+    return cfg
+
+
+# --- small COCO-format keypoint datasets on disk (data tests) ------------------------------------
+K3 = ["head", "left_hand", "right_hand"]  # a 3-joint dataset whose hands swap under a flip
+
+
+def unregister(name):
+    """Remove `name` from Detectron2's catalogs, so a test can register it afresh."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+
+
+def register_k3_dataset(name, json_file, image_root):
+    """(Re)register a COCO-format dataset of the K3 joints."""
+    unregister(name)
+    register_coco_keypoint_dataset(
+        name, json_file, str(image_root), K3, [("left_hand", "right_hand")], [0.05] * len(K3)
+    )
+
+
+def demo_cfg(test_dataset="keypoints_coco_2017_val", **overrides):
+    """A tiny R50 PETR for the demo and predictor tests: no training set, DATASETS.TEST =
+    (test_dataset,), test size 64-128 (not smaller: a 1x1 stride-64 map breaks the tiny model's
+    GroupNorm of 1 channel/group); overrides: {"KEY.PATH": value}."""
+    cfg = shrink_cfg(load_cfg("petr_R50.yaml"))
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (test_dataset,)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 128
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, str(value)])
+    return cfg
+
+
+def dataset_cfg(name, **overrides):
+    """A tiny toy-config PETR that trains and tests on dataset `name` at 64-96 px, batch 2;
+    overrides: {"KEY.PATH": value}."""
+    cfg = shrink_cfg(load_cfg("petr_toy.yaml"))
+    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = (name,)
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64, 64), 96
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 96
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
     return cfg
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
-from petr_testing import captured_log, load_cfg, load_tool, shrink_cfg
+from petr_testing import captured_log, demo_cfg, load_tool
 from PIL import Image
 
 from petr.config import check_config
@@ -56,22 +56,13 @@ def test_exif_orientation_and_8_bit_images_read_as_detectron2(tmp_path):
     assert (ours == d2_utils.read_image(str(tmp_path / "rotated.jpg"), format="BGR")).all()
 
 
-def _tiny_cfg(**overrides):
-    cfg = shrink_cfg(load_cfg("petr_R50.yaml"))
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("keypoints_coco_2017_val",)
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 128
-    for key, value in overrides.items():
-        cfg.merge_from_list([key, str(value)])
-    return cfg
-
-
 def test_the_mapper_and_the_demo_read_16_bit_grayscale(tmp_path):
     cv2.imwrite(str(tmp_path / "g16.png"), RAMP)
-    mapper = PETRDatasetMapper(_tiny_cfg(), is_train=False)
+    mapper = PETRDatasetMapper(demo_cfg(), is_train=False)
     out = mapper({"file_name": str(tmp_path / "g16.png"), "height": 48, "width": 64})
     assert out["image"].float().mean() < 200  # not the white image
     config = tmp_path / "tiny.yaml"
-    config.write_text(_tiny_cfg().dump())
+    config.write_text(demo_cfg().dump())
     argv = ["--config-file", str(config), "--input", str(tmp_path / "g16.png")]
     assert demo_script.main(argv + ["--output", str(tmp_path / "d.png")]) == 0
     assert cv2.imread(str(tmp_path / "d.png")).mean() < 200
@@ -93,25 +84,25 @@ def test_the_mapper_and_the_demo_read_16_bit_grayscale(tmp_path):
 )
 def test_impossible_config_values_name_the_key_and_range(key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_config(_tiny_cfg(**{key: value}))
+        check_config(demo_cfg(**{key: value}))
 
 
 def test_weights_folder_is_refused_and_the_demo_runs_the_check(tmp_path):
     with pytest.raises(ValueError, match="MODEL.WEIGHTS must be a checkpoint file, got the fold"):
-        check_config(_tiny_cfg(**{"MODEL.WEIGHTS": str(tmp_path)}))
+        check_config(demo_cfg(**{"MODEL.WEIGHTS": str(tmp_path)}))
     config = tmp_path / "tiny.yaml"
-    config.write_text(_tiny_cfg(**{"MODEL.PETR.NUM_QUERIES": 0}).dump())
+    config.write_text(demo_cfg(**{"MODEL.PETR.NUM_QUERIES": 0}).dump())
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((40, 50, 3), np.uint8))
     with pytest.raises(ValueError, match="MODEL.PETR.NUM_QUERIES must be >= 1"):
         demo_script.main(["--config-file", str(config), "--input", str(tmp_path / "a.png")])
 
 
 def test_min_size_test_0_means_no_resize():
-    cfg = _tiny_cfg(**{"INPUT.MIN_SIZE_TEST": 0})
+    cfg = demo_cfg(**{"INPUT.MIN_SIZE_TEST": 0})
     check_config(cfg)
     out = PETRPreprocessor(cfg)(np.zeros((40, 90, 3), np.uint8), "BGR")
     assert tuple(out["image"].shape) == (3, 40, 90)
-    assert tuple(PETRPreprocessor(_tiny_cfg())(np.zeros((40, 90, 3), np.uint8))["image"].shape) == (
+    assert tuple(PETRPreprocessor(demo_cfg())(np.zeros((40, 90, 3), np.uint8))["image"].shape) == (
         3, 57, 128
     )  # fmt: skip
 
@@ -122,27 +113,29 @@ def demo_errors():
         yield messages
 
 
-@pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(_tiny_cfg().dump())
-    return str(path)
-
-
-def test_a_video_without_frames_is_an_error_and_leaves_nothing(tmp_path, config_file, demo_errors):
+def test_a_video_without_frames_is_an_error_and_leaves_nothing(
+    tmp_path, demo_config_file, demo_errors
+):
     path = str(tmp_path / "empty.avi")
     cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48)).release()
     out = tmp_path / "out"
     out.mkdir()
-    argv = ["--config-file", config_file, "--video-input", path, "--output", str(out / "e.mp4")]
+    argv = [
+        "--config-file",
+        demo_config_file,
+        "--video-input",
+        path,
+        "--output",
+        str(out / "e.mp4"),
+    ]
     assert demo_script.main(argv) == 1
     assert len(demo_errors) == 1 and path in demo_errors[0], demo_errors
     assert os.listdir(out) == []
 
 
-def test_large_images_are_drawn_at_a_bounded_size(tmp_path, config_file):
+def test_large_images_are_drawn_at_a_bounded_size(tmp_path, demo_config_file):
     cv2.imwrite(str(tmp_path / "big.png"), np.full((600, 900, 3), 90, np.uint8))
-    argv = ["--config-file", config_file, "--input", str(tmp_path / "big.png"), "--output"]
+    argv = ["--config-file", demo_config_file, "--input", str(tmp_path / "big.png"), "--output"]
     assert demo_script.main(argv + [str(tmp_path / "s.png"), "--max-output-size", "300"]) == 0
     assert cv2.imread(str(tmp_path / "s.png")).shape == (200, 300, 3)
     assert demo_script.main(argv + [str(tmp_path / "f.png"), "--max-output-size", "300",
@@ -150,11 +143,18 @@ def test_large_images_are_drawn_at_a_bounded_size(tmp_path, config_file):
     assert cv2.imread(str(tmp_path / "f.png")).shape == (600, 900, 3)
 
 
-def test_an_unwritable_output_is_one_error_line(tmp_path, config_file, demo_errors):
+def test_an_unwritable_output_is_one_error_line(tmp_path, demo_config_file, demo_errors):
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((40, 50, 3), np.uint8))
     (tmp_path / "file").write_text("a file, not a folder")
     target = str(tmp_path / "file" / "out.png")
-    argv = ["--config-file", config_file, "--input", str(tmp_path / "a.png"), "--output", target]
+    argv = [
+        "--config-file",
+        demo_config_file,
+        "--input",
+        str(tmp_path / "a.png"),
+        "--output",
+        target,
+    ]
     assert demo_script.main(argv) == 1
     assert len(demo_errors) == 1 and "file/out.png" in demo_errors[0], demo_errors
 
@@ -179,7 +179,7 @@ def test_train_net_dataset_flag_registers_a_json_in_main(tmp_path):
         if n in DatasetCatalog.list():
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
-    cfg = _tiny_cfg(**{"DATASETS.TEST": f"('{name}',)", "OUTPUT_DIR": str(tmp_path / "o")})
+    cfg = demo_cfg(**{"DATASETS.TEST": f"('{name}',)", "OUTPUT_DIR": str(tmp_path / "o")})
     cfg.DATASETS.TRAIN = (name,)
     (tmp_path / "c.yaml").write_text(cfg.dump())
     args = train_net.get_parser().parse_args(

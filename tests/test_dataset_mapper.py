@@ -14,6 +14,7 @@ from petr_testing import load_cfg
 
 from petr.data.bad_images import BAD_IMAGES_KEY, UNREADABLE_KEY
 from petr.data.dataset_mapper import MAX_CONSECUTIVE_BAD_READS, PETRDatasetMapper
+from petr.data.preprocess import PETRPreprocessor
 from petr.data.transforms import AffineWarpTransform, CV2ResizeTransform
 
 DATASET = "petr_test_mapper_k5"
@@ -39,12 +40,16 @@ class _Fixed(T.Augmentation):
 
 def _mapper(*augs, is_train=True):
     flip = utils.create_keypoint_hflip_indices([DATASET])
+    front_door = (
+        None if is_train else PETRPreprocessor(min_size=64, max_size=96, input_format="BGR")
+    )
     return PETRDatasetMapper(
         is_train,
         augmentations=list(augs),
         image_format="BGR",
         num_keypoints=len(NAMES),
         keypoint_hflip_indices=flip,
+        preprocessor=front_door,
     )
 
 

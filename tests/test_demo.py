@@ -9,7 +9,7 @@ import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
-from petr_testing import captured_log, load_cfg, load_tool, shrink_cfg
+from petr_testing import captured_log, demo_cfg, load_tool
 
 from petr.demo import VisualizationDemo, draw_poses
 from petr.modeling.test_time_augmentation import PETRWithTTA
@@ -32,35 +32,20 @@ MetadataCatalog.get(K14).set(
 demo_script = load_tool("demo")
 
 
-def _tiny_cfg(test_dataset="keypoints_coco_2017_val"):
-    cfg = shrink_cfg(load_cfg("petr_R50.yaml"))
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), (test_dataset,)
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 128
-    # (not smaller: a 1x1 stride-64 map breaks the tiny model's GroupNorm of 1 channel/group)
-    return cfg
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(_tiny_cfg().dump())
-    return str(path)
-
-
 @pytest.fixture
 def warnings_of_demo():
     with captured_log("petr.demo", logging.WARNING) as messages:
         yield messages
 
 
-def test_folder_with_a_corrupt_file(tmp_path, config_file, warnings_of_demo):
+def test_folder_with_a_corrupt_file(tmp_path, demo_config_file, warnings_of_demo):
     rng = np.random.default_rng(0)
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     for name, (h, w) in {"a.png": (40, 56), "b.png": (50, 36)}.items():
         cv2.imwrite(str(inputs / name), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
     (inputs / "broken.jpg").write_bytes(rng.bytes(300))
-    argv = ["--config-file", config_file, "--input", str(inputs), "--output", str(out)]
+    argv = ["--config-file", demo_config_file, "--input", str(inputs), "--output", str(out)]
     assert demo_script.main(argv + ["--confidence-threshold", "0"]) == 0
     assert sorted(os.listdir(out)) == ["a.png", "b.png"]
     for name, shape in {"a.png": (40, 56, 3), "b.png": (50, 36, 3)}.items():
@@ -71,9 +56,9 @@ def test_folder_with_a_corrupt_file(tmp_path, config_file, warnings_of_demo):
     assert not any("a.png" in m or "b.png" in m for m in warnings_of_demo)
 
 
-def test_nothing_readable_is_a_failure_and_globs_expand(tmp_path, config_file):
+def test_nothing_readable_is_a_failure_and_globs_expand(tmp_path, demo_config_file):
     (tmp_path / "x.jpg").write_bytes(b"not an image")
-    argv = ["--config-file", config_file, "--output", str(tmp_path / "out")]
+    argv = ["--config-file", demo_config_file, "--output", str(tmp_path / "out")]
     assert demo_script.main(argv + ["--input", str(tmp_path / "x.jpg")]) == 1
     assert demo_script.main(argv + ["--input", str(tmp_path / "none_*.png")]) == 1
     cv2.imwrite(str(tmp_path / "one.png"), np.zeros((20, 30, 3), np.uint8))
@@ -82,14 +67,14 @@ def test_nothing_readable_is_a_failure_and_globs_expand(tmp_path, config_file):
     ]  # fmt: skip
 
 
-def test_video_keeps_every_frame(tmp_path, config_file):
+def test_video_keeps_every_frame(tmp_path, demo_config_file):
     path, out = str(tmp_path / "clip.avi"), tmp_path / "out"
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
     rng = np.random.default_rng(1)
     for _ in range(4):
         writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
     writer.release()
-    argv = ["--config-file", config_file, "--video-input", path, "--output", str(out) + os.sep]
+    argv = ["--config-file", demo_config_file, "--video-input", path, "--output", str(out) + os.sep]
     assert demo_script.main(argv) == 0
     video = cv2.VideoCapture(str(out / "clip.mp4"))
     frames = []
@@ -102,22 +87,22 @@ def test_video_keeps_every_frame(tmp_path, config_file):
     assert demo_script.main(argv[:3] + [str(tmp_path / "missing.mp4")]) == 1
 
 
-def test_no_image_under_input_is_an_error_naming_it(tmp_path, config_file, warnings_of_demo):
+def test_no_image_under_input_is_an_error_naming_it(tmp_path, demo_config_file, warnings_of_demo):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    argv = ["--config-file", config_file, "--output", str(tmp_path / "out")]
+    argv = ["--config-file", demo_config_file, "--output", str(tmp_path / "out")]
     assert demo_script.main(argv + ["--input", str(empty), str(tmp_path / "*.png")]) == 1
     assert f"No image found under --input {empty} {tmp_path / '*.png'}" in warnings_of_demo
 
 
-def test_video_writer_that_cannot_open_is_an_error(tmp_path, config_file, warnings_of_demo):
+def test_video_writer_that_cannot_open_is_an_error(tmp_path, demo_config_file, warnings_of_demo):
     path = str(tmp_path / "clip.avi")
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
     writer.write(np.zeros((48, 64, 3), np.uint8))
     writer.release()
     target = tmp_path / "no_such_folder" / "out.mp4"
-    argv = ["--config-file", config_file, "--video-input", path, "--output", str(target)]
+    argv = ["--config-file", demo_config_file, "--video-input", path, "--output", str(target)]
     assert demo_script.main(argv) == 1
     assert any(f"Cannot open the video writer for {str(target)!r}" in m for m in warnings_of_demo)
     assert not target.exists()
@@ -152,7 +137,7 @@ def test_skeleton_of_any_k_follows_the_metadata_rules():
 
 
 def test_visualization_demo_with_a_14_joint_model_and_flip_test():
-    cfg = _tiny_cfg(K14)
+    cfg = demo_cfg(K14)
     cfg.TEST.AUG.ENABLED, cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE = True, (64,), 128
     torch.manual_seed(0)
     demo = VisualizationDemo(cfg, confidence_threshold=0.0)

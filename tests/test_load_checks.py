@@ -6,16 +6,12 @@ import json
 import cv2
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.env import seed_all_rng
-from petr_testing import captured_log, load_cfg, shrink_cfg
+from petr_testing import K3, dataset_cfg, register_k3_dataset
 
 from petr.data.annotation_checks import BadAnnotationError, check_annotations
-from petr.data.datasets.custom import register_coco_keypoint_dataset
 from petr.engine import PETRTrainer
 from petr.evaluation import build_keypoint_evaluator
-
-K3 = ["head", "left_hand", "right_hand"]
 
 
 def _person(image_id, ann_id, bbox=(4, 4, 20, 20), num_values=9, **extra):
@@ -42,26 +38,6 @@ def _write(root, images, name="ann.json"):
     return str(path)
 
 
-def _register(name, json_file, root):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_keypoint_dataset(
-        name, json_file, str(root), K3, [("left_hand", "right_hand")], [0.05] * 3
-    )
-
-
-def _cfg(name, **overrides):
-    cfg = shrink_cfg(load_cfg("petr_toy.yaml"))
-    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = (name,)
-    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64, 64), 96
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 96
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    for key, value in overrides.items():
-        cfg.merge_from_list([key, value])
-    return cfg
-
-
 GOOD = (lambda i: [_person(i, 100 * i)], (64, 48), None)
 # One image of each kind of bad annotation; each also holds a good person (id 100 * i + 1).
 BAD = {
@@ -84,16 +60,10 @@ BAD = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def petr_log():
-    with captured_log("petr") as messages:
-        yield messages
-
-
 def test_bad_annotations_are_dropped_named_and_the_good_ones_train(tmp_path, petr_log):
     name = "petr_test_load_checks_train"
-    _register(name, _write(tmp_path, {"good": GOOD, **BAD}), tmp_path)
-    cfg = _cfg(name, **{"DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE": 0.5})
+    register_k3_dataset(name, _write(tmp_path, {"good": GOOD, **BAD}), tmp_path)
+    cfg = dataset_cfg(name, **{"DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE": 0.5})
     cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD, cfg.OUTPUT_DIR = 1, 0, str(tmp_path / "out")
     cfg.DATASETS.TEST = ()  # its wrong-size image would stop the evaluation (tested below)
     seed_all_rng(0)
@@ -128,9 +98,9 @@ def test_bad_annotations_are_dropped_named_and_the_good_ones_train(tmp_path, pet
 def test_a_bad_share_above_the_limit_stops_before_training(tmp_path):
     name = "petr_test_load_checks_share"
     json_file = _write(tmp_path, {"good": GOOD, "short": BAD["short"]})
-    _register(name, json_file, tmp_path)
+    register_k3_dataset(name, json_file, tmp_path)
     with pytest.raises(BadAnnotationError) as e:
-        PETRTrainer.build_train_loader(_cfg(name))
+        PETRTrainer.build_train_loader(dataset_cfg(name))
     message = str(e.value)
     assert message.startswith(f"{json_file} (dataset {name!r}): 1 of 3 annotations")
     assert "MAX_BAD_ANNOTATION_SHARE = 0.01" in message and "short.png#200" in message
@@ -153,8 +123,8 @@ def test_the_check_is_vectorised_and_names_each_reason():
 
 def test_evaluation_of_a_json_without_annotations_fails_before_inference(tmp_path):
     name = "petr_test_load_checks_empty"
-    _register(name, _write(tmp_path, {"a": (lambda i: [], (64, 48), None)}), tmp_path)
-    cfg = _cfg(name)
+    register_k3_dataset(name, _write(tmp_path, {"a": (lambda i: [], (64, 48), None)}), tmp_path)
+    cfg = dataset_cfg(name)
     model = PETRTrainer.build_model(cfg).eval()
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
@@ -166,16 +136,16 @@ def test_evaluation_of_a_json_without_annotations_fails_before_inference(tmp_pat
 def test_evaluation_of_a_json_with_other_keypoints_fails_naming_it(tmp_path):
     name = "petr_test_load_checks_k"
     four = lambda i: [_person(i, i, keypoints=[5, 5, 2] * 4, num_keypoints=4)]  # noqa: E731
-    _register(name, _write(tmp_path, {"a": (four, (64, 48), None)}), tmp_path)
+    register_k3_dataset(name, _write(tmp_path, {"a": (four, (64, 48), None)}), tmp_path)
     with pytest.raises(ValueError, match=rf"'{name}' .*every annotation has 12 keypoint values"):
-        build_keypoint_evaluator(_cfg(name), name)
+        build_keypoint_evaluator(dataset_cfg(name), name)
 
 
 def test_evaluation_leaves_malformed_ground_truth_out_and_scores(tmp_path, petr_log):
     name = "petr_test_load_checks_eval"
     images = {f"g{i}": GOOD for i in range(3)} | {"short": BAD["short"]}
-    _register(name, _write(tmp_path, images), tmp_path)
-    cfg = _cfg(name, **{"DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE": 0.5})
+    register_k3_dataset(name, _write(tmp_path, images), tmp_path)
+    cfg = dataset_cfg(name, **{"DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE": 0.5})
     cfg.OUTPUT_DIR = str(tmp_path / "out")
     model = PETRTrainer.build_model(cfg).eval()
     results = PETRTrainer.test(cfg, model)  # pycocotools would fail on the 6-value list
@@ -186,6 +156,8 @@ def test_evaluation_leaves_malformed_ground_truth_out_and_scores(tmp_path, petr_
 
 def test_evaluation_refuses_test_images_of_another_size(tmp_path):
     name = "petr_test_load_checks_eval_size"
-    _register(name, _write(tmp_path, {"good": GOOD, "wrong_size": BAD["wrong_size"]}), tmp_path)
+    register_k3_dataset(
+        name, _write(tmp_path, {"good": GOOD, "wrong_size": BAD["wrong_size"]}), tmp_path
+    )
     with pytest.raises(ValueError, match=r"1 image files have another size .*wrong_size.png"):
-        build_keypoint_evaluator(_cfg(name), name)
+        build_keypoint_evaluator(dataset_cfg(name), name)

@@ -7,18 +7,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.env import seed_all_rng
-from petr_testing import captured_log, load_cfg, shrink_cfg
+from petr_testing import K3, dataset_cfg, register_k3_dataset, unregister
 
 from petr.data.bad_images import BadImageError
 from petr.data.datasets.crowdpose import CROWDPOSE_KEYPOINT_NAMES, register_crowdpose
-from petr.data.datasets.custom import register_coco_keypoint_dataset
 from petr.engine import PETRTrainer
 from petr.evaluation import ReadImagesOnly
-
-K3 = ["head", "left_hand", "right_hand"]
 
 
 def _person(image_id, ann_id, k, bbox=(4, 4, 20, 20), visible=2, **extra):
@@ -70,28 +66,11 @@ def _write_dataset(root, k, cases, bad=()):
 
 
 def _register(name, kind, root, cases, bad=()):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
     if kind == "crowdpose":
+        unregister(name)
         register_crowdpose(name, _write_dataset(root, 14, cases, bad), str(root))
     else:
-        json_file = _write_dataset(root, len(K3), cases, bad)
-        sigmas = [0.05] * len(K3)
-        register_coco_keypoint_dataset(
-            name, json_file, str(root), K3, [("left_hand", "right_hand")], sigmas
-        )
-
-
-def _cfg(name, **overrides):
-    cfg = shrink_cfg(load_cfg("petr_toy.yaml"))
-    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = (name,)
-    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64, 64), 96
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 96
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    for key, value in overrides.items():
-        cfg.merge_from_list([key, value])
-    return cfg
+        register_k3_dataset(name, _write_dataset(root, len(K3), cases, bad), root)
 
 
 def _draw(cfg, num_batches):
@@ -109,7 +88,7 @@ def test_training_draws_the_images_the_official_rule_keeps(tmp_path, kind):
     # CrowdPose's metadata has the one class "person"; a json with a second one is refused.
     cases = [c for c in CASES if kind != "crowdpose" or c != "other_category"]
     _register(name, kind, tmp_path, cases)
-    _, drawn = _draw(_cfg(name), 60)  # 120 draws from 6 images: each is drawn (p ~ 1e-8)
+    _, drawn = _draw(dataset_cfg(name), 60)  # 120 draws from 6 images: each is drawn (p ~ 1e-8)
     names = {d["file_name"].rsplit("/", 1)[-1][:-4] for d in drawn}
     assert names == {n for n in cases if CASES[n][2]}
     for d in drawn:
@@ -123,31 +102,25 @@ def test_training_draws_the_images_the_official_rule_keeps(tmp_path, kind):
 def test_image_filter_none_keeps_every_image(tmp_path):
     name = "petr_test_image_rule_none"
     _register(name, "custom", tmp_path, ["normal", "no_annotations", "width_31"])
-    _, drawn = _draw(_cfg(name, **{"DATALOADER.PETR.IMAGE_FILTER": "none"}), 30)
+    _, drawn = _draw(dataset_cfg(name, **{"DATALOADER.PETR.IMAGE_FILTER": "none"}), 30)
     assert {d["file_name"].rsplit("/", 1)[-1] for d in drawn} == {
         "normal.jpg", "no_annotations.jpg", "width_31.jpg"
     }  # fmt: skip
     with pytest.raises(ValueError, match="IMAGE_FILTER must be one of"):
-        _draw(_cfg(name, **{"DATALOADER.PETR.IMAGE_FILTER": "mmdet"}), 1)
+        _draw(dataset_cfg(name, **{"DATALOADER.PETR.IMAGE_FILTER": "mmdet"}), 1)
 
 
 def test_too_many_unreadable_training_images_stop_with_the_files(tmp_path):
     name = "petr_test_bad_share"
     _register(name, "custom", tmp_path, ["a", "b", "c", "truncated"], bad={"truncated"})
     with pytest.raises(BadImageError, match=r"more than .*0\.01; first files: .*truncated\.jpg"):
-        _draw(_cfg(name), 200)  # a quarter of the reads fail: stops after 100 reads
-
-
-@pytest.fixture
-def petr_log():
-    with captured_log("petr") as messages:
-        yield messages
+        _draw(dataset_cfg(name), 200)  # a quarter of the reads fail: stops after 100 reads
 
 
 def test_training_replaces_a_truncated_jpeg_counts_it_and_continues(tmp_path, petr_log):
     name = "petr_test_bad_train"
     _register(name, "custom", tmp_path, ["a", "truncated"], bad={"truncated"})
-    cfg = _cfg(name, **{"DATALOADER.PETR.MAX_BAD_IMAGE_SHARE": 0.9})
+    cfg = dataset_cfg(name, **{"DATALOADER.PETR.MAX_BAD_IMAGE_SHARE": 0.9})
     cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD, cfg.OUTPUT_DIR = 4, 0, str(tmp_path / "out")
     cfg.SOLVER.CHECKPOINT_PERIOD = 1000
     seed_all_rng(0)
@@ -180,7 +153,7 @@ class _Recorder(DatasetEvaluator):
 def test_evaluation_skips_an_unreadable_image_and_scores_the_rest(tmp_path, petr_log):
     name = "petr_test_bad_eval"
     _register(name, "custom", tmp_path, ["a", "truncated", "b"], bad={"truncated"})
-    cfg = _cfg(name)
+    cfg = dataset_cfg(name)
     model = PETRTrainer.build_model(cfg).eval()
     recorder = _Recorder()
     PETRTrainer.test(cfg, model, [ReadImagesOnly(recorder)])
@@ -197,8 +170,8 @@ def test_evaluation_skips_an_unreadable_image_and_scores_the_rest(tmp_path, petr
 def test_a_test_dataset_with_other_keypoints_fails_before_inference(tmp_path):
     name = "petr_test_k_mismatch"
     _register(name, "crowdpose", tmp_path, ["a"])
-    cfg = _cfg(name)
-    model = PETRTrainer.build_model(_cfg("petr_test_image_rule_none"))  # K = 3
+    cfg = dataset_cfg(name)
+    model = PETRTrainer.build_model(dataset_cfg("petr_test_image_rule_none"))  # K = 3
     assert model.num_keypoints == 3
     with pytest.raises(
         ValueError, match=r"'petr_test_k_mismatch' \(.*\.json\) has 14 keypoint_names .* predicts 3"

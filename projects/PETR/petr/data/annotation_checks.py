@@ -201,52 +201,6 @@ def check_annotations(annotations, image_wh, num_keypoints: int, num_classes=Non
     flag(invalid, 7)
     return codes
 
-    def flag(mask, code):
-        codes[(codes == OK) & mask] = code
-
-    get = [a.get for a in annotations]
-    if num_classes is not None:
-        cats = np.array([g("category_id", -1) for g in get], dtype=object)
-        is_int = np.array([isinstance(c, (int, np.integer)) for c in cats])
-        cat = np.where(is_int, cats, -1).astype(np.int64)
-        flag(~is_int | (cat < 0) | (cat >= num_classes), 1)
-    kpts = [g("keypoints") or () for g in get]
-    lengths = np.fromiter(map(len, kpts), np.int64, n)
-    stated = np.array([g("num_keypoints", 0) or 0 for g in get], dtype=np.float64)
-    flag((lengths != k3) & ((lengths != 0) | (stated > 0)), 2)
-    full = np.flatnonzero(lengths == k3)
-    values, numeric = _numbers([kpts[i] for i in full], k3)
-    finite = numeric & np.isfinite(values).all(axis=1)
-    flag(np.isin(np.arange(n), full[~finite]), 3)
-    vis = values[:, 2::3]
-    bad_vis = finite & ~np.isin(vis, (0, 1, 2)).all(axis=1)
-    flag(np.isin(np.arange(n), full[bad_vis]), 4)
-
-    boxes, box_ok = _numbers([_box4(g("bbox")) for g in get], 4)
-    box_ok &= np.isfinite(boxes).all(axis=1)
-    flag(~box_ok, 5)
-    modes = [g("bbox_mode", BoxMode.XYWH_ABS) for g in get]
-    xyxy = boxes.copy()
-    for mode in set(modes):
-        rows = np.array([m == mode for m in modes])
-        xyxy[rows] = BoxMode.convert(boxes[rows], mode, BoxMode.XYXY_ABS)
-    w, h = np.asarray(image_wh, dtype=np.float64).reshape(n, 2).T
-    inter_w = np.minimum(xyxy[:, 2], w) - np.maximum(xyxy[:, 0], 0)
-    inter_h = np.minimum(xyxy[:, 3], h) - np.maximum(xyxy[:, 1], 0)
-    box_area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
-    area = np.array([g("area", np.nan) for g in get], dtype=np.float64)
-    area = np.where(np.isnan(area), box_area, area)  # as the mapper: no "area" -> the box area
-    invalid = (
-        (inter_w <= 0) | (inter_h <= 0) | (area <= 0)
-        | (xyxy[:, 2] - xyxy[:, 0] < 1) | (xyxy[:, 3] - xyxy[:, 1] < 1)
-    )  # fmt: skip
-    visible = np.zeros(n, bool)
-    visible[full[finite]] = (vis[finite] > 0).any(axis=1)
-    crowd = np.array([bool(g("iscrowd", 0)) for g in get])
-    flag(invalid & visible & ~crowd & (stated != 0), 6)
-    flag(invalid, 7)
-    return codes
-
 
 def _mask(n, indices):
     mask = np.zeros(n, bool)
