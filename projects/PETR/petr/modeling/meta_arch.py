@@ -6,6 +6,7 @@ preprocess -> backbone -> neck -> deformable encoder -> point proposals -> pose 
 Follows the official implementation (hikvision-research/opera, PETR / PETRHead / PETRTransformer).
 """
 
+import functools
 from typing import Dict, List
 
 import torch
@@ -28,7 +29,24 @@ from .transformer.pose_decoder import PETRPoseDecoder
 from .transformer.position_encoding import PETRSinePositionEncoding
 from .transformer.proposals import PETRPointProposals
 
-__all__ = ["PETR"]
+__all__ = ["PETR", "padding_mask"]
+
+
+def padding_mask(batch: torch.Tensor, image_sizes) -> torch.Tensor:
+    """(B, H, W) bool, True on the padding of a (B, C, H, W) batch padded bottom/right.
+
+    image_sizes: B (h, w) pairs of ints, or a (B, 2) int64 tensor (compared in-graph, for an
+    exported model whose batch and sizes are inputs)."""
+    B, _, H, W = batch.shape
+    if isinstance(image_sizes, torch.Tensor):
+        sizes = image_sizes.to(batch.device)
+        rows = torch.arange(H, device=batch.device)[None, :, None] >= sizes[:, 0, None, None]
+        cols = torch.arange(W, device=batch.device)[None, None, :] >= sizes[:, 1, None, None]
+        return rows | cols
+    mask = torch.ones((B, H, W), dtype=torch.bool, device=batch.device)
+    for i, (h, w) in enumerate(image_sizes):
+        mask[i, :h, :w] = False
+    return mask
 
 
 @META_ARCH_REGISTRY.register()
@@ -170,10 +188,12 @@ class PETR(nn.Module):
         torch.compile's graph)."""
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
                   for x in batched_inputs]  # fmt: skip
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        # No int() and no Python max() on sizes: under torch.compile(dynamic) they are symbolic,
+        # and int() would pin them (a graph per size), max() guard on their order.
+        sizes = [(im.shape[-2], im.shape[-1]) for im in images]
         d = max(self.size_divisibility, 1)
-        H = -(-max(h for h, _ in sizes) // d) * d
-        W = -(-max(w for _, w in sizes) // d) * d
+        H = -(-functools.reduce(torch.sym_max, [h for h, _ in sizes]) // d) * d
+        W = -(-functools.reduce(torch.sym_max, [w for _, w in sizes]) // d) * d
         if len(images) == 1 and sizes[0] == (H, W):
             return ImageList(images[0][None], sizes)
         batch = images[0].new_zeros((len(images), images[0].shape[0], H, W))
@@ -182,11 +202,11 @@ class PETR(nn.Module):
         return ImageList(batch, sizes)
 
     def encode(self, images: ImageList):
-        """Backbone, neck and deformable encoder. Returns the EncoderMemory."""
-        B, _, H, W = images.tensor.shape
-        mask = torch.ones((B, H, W), dtype=torch.bool, device=self.device)  # True = padding
-        for i, (h, w) in enumerate(images.image_sizes):
-            mask[i, :h, :w] = False
+        """Backbone, neck and deformable encoder. Returns the EncoderMemory.
+
+        images.image_sizes: B (h, w) pairs of ints (symbolic ones under torch.compile(dynamic)),
+        or a (B, 2) int64 tensor (an exported graph's input); no size is read back as an int."""
+        mask = padding_mask(images.tensor, images.image_sizes)
         features = self.neck(self.backbone(images.tensor))
         masks = [F.interpolate(mask[None].float(), size=f.shape[-2:])[0].bool() for f in features]
         pos = [self.position_encoding(m).to(f.dtype) for f, m in zip(features, masks)]
@@ -251,7 +271,7 @@ class PETR(nn.Module):
         k = min(self.detections_per_image, Q)
         scores, idx = logits[-1][..., 0].sigmoid().topk(k, dim=1)  # (B, k), sorted
         top = torch.gather(kpts[-1], 1, idx[..., None].expand(-1, -1, kpts.shape[-1]))
-        refined = self.joint_decoder(enc, top.flatten(0, 1), [k] * B)[-1]  # (B*k, K, 2)
+        refined = self.joint_decoder(enc, top.flatten(0, 1))[-1]  # (B*k, K, 2), k per image
         return PETRPredictions(scores, refined.view(B, k, self.num_keypoints, 2))
 
     def postprocess(self, predictions: PETRPredictions, batched_inputs, image_sizes):
