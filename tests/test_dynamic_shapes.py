@@ -59,22 +59,23 @@ def test_deform_attn_op_keeps_level_sizes_symbolic_under_export():
     implementation and input checks): one export serves other sizes with eager's results."""
 
     class Attend(torch.nn.Module):
-        def forward(self, x, loc, attn):  # x (1, H, W, M, D)
-            h, w = x.shape[1], x.shape[2]
-            h2, w2 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-            value = torch.cat([x.flatten(1, 2), x[:, ::2, ::2].flatten(1, 2)], 1)
-            return ms_deform_attn(value, [(h, w), (h2, w2)], [0, h * w], loc, attn)
+        def forward(self, x, loc, attn):  # x (1, M * D, H, W); two levels, strides 1 and 2
+            levels = [x, torch.nn.functional.avg_pool2d(x, 1, 2)]
+            sizes = [(f.shape[2], f.shape[3]) for f in levels]
+            value = torch.cat([f.flatten(2).transpose(1, 2) for f in levels], 1)  # (1, S, M * D)
+            value = value.reshape(1, value.shape[1], 2, 4)
+            return ms_deform_attn(value, sizes, [0, sizes[0][0] * sizes[0][1]], loc, attn)
 
     def inputs(h, w):
         g = torch.Generator().manual_seed(h * w)
-        return (torch.rand(1, h, w, 2, 4, generator=g), torch.rand(1, 5, 2, 2, 3, 2, generator=g),
+        return (torch.rand(1, 8, h, w, generator=g), torch.rand(1, 5, 2, 2, 3, 2, generator=g),
                 torch.rand(1, 5, 2, 2, 3, generator=g))  # fmt: skip
 
-    dims = {1: torch.export.Dim("H", min=4, max=256), 2: torch.export.Dim("W", min=4, max=256)}
+    dims = {2: torch.export.Dim("H", min=8, max=256), 3: torch.export.Dim("W", min=8, max=256)}
     ep = torch.export.export(
         Attend(), inputs(10, 14), dynamic_shapes={"x": dims, "loc": None, "attn": None}
     )
-    for h, w in [(9, 31), (40, 7)]:
+    for h, w in [(9, 31), (40, 12)]:
         torch.testing.assert_close(ep.module()(*inputs(h, w)), Attend()(*inputs(h, w)))
 
 
