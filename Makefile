@@ -27,7 +27,7 @@ PY := $(VENV)/bin/python
 FLOOR := .venv-floor
 FLOOR_PY := $(FLOOR)/bin/python
 
-.PHONY: setup setup-floor test test-floor lint toy clean-build FORCE
+.PHONY: setup setup-floor test test-fast test-floor lint toy clean-build FORCE
 
 setup: $(VENV)/.stamp-build
 setup-floor: $(FLOOR)/.stamp-build
@@ -78,6 +78,10 @@ $(FLOOR)/.stamp-build: $(FLOOR)/.stamp-deps setup.py pyproject.toml $(CSRC)
 # --- use -----------------------------------------------------------------------------------------
 test: setup
 	$(PY) -m pytest -q -ra
+
+# The suite without the tests marked slow (> ~30 s each): for the edit-test loop. CI runs `test`.
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
 
 test-floor: setup-floor
 	$(FLOOR_PY) -m pytest -q -ra

@@ -5,8 +5,7 @@ import os
 
 import pytest
 import torch
-from petr_testing import OPERA_TINY, opera_tiny_cfg
-from test_opera_parity import _load_model
+from petr_testing import OPERA_TINY, opera_tiny_cfg, opera_tiny_model
 
 from petr.checkpoint.opera_converter import convert_opera_checkpoint
 from petr.engine import PETRTrainer
@@ -40,7 +39,7 @@ def test_compiled_model_matches_the_official_outputs(tmp_path):
     weights = str(tmp_path / "petr_tiny_d2.pth")
     convert_opera_checkpoint(os.path.join(OPERA_TINY, "opera_tiny_petr.pth"), weights)
     io = torch.load(os.path.join(OPERA_TINY, "opera_tiny_io.pt"))
-    model = _load_model(weights).eval()
+    model = opera_tiny_model(weights).eval()
     cfg = opera_tiny_cfg()
     cfg.MODEL.PETR.COMPILE.ENABLED = True
     compile_model(model, cfg)

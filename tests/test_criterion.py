@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from criterion_testing import (
+from petr_testing import (
     EPS32,
     WEIGHTS,
     K,
@@ -19,7 +19,7 @@ from criterion_testing import (
 )
 
 from petr.data.metadata import COCO_OKS_SIGMAS
-from petr.modeling.criterion import OPERA_LOSS_KEYS, opera_loss_key
+from petr.modeling.criterion import OPERA_LOSS_KEYS
 
 
 def test_invisible_joints_are_ignored_by_losses():
@@ -166,19 +166,6 @@ def test_joint_outputs_must_match_the_number_of_matches():
     )
     with pytest.raises(ValueError, match=r"joint_kpts.*2 matched"):
         crit(out, [t])
-
-
-def test_opera_loss_key_mapping():
-    assert opera_loss_key("enc_loss_cls") == "loss_cls_enc"
-    assert opera_loss_key("enc_loss_kpt") == "loss_kpt_enc"
-    assert opera_loss_key("d0.loss_cls") == "loss_cls_0"
-    assert opera_loss_key("loss_cls") == "loss_cls"
-    assert opera_loss_key("d1.loss_kpt_refine") == "loss_kpt_refine_1"
-    assert opera_loss_key("d4.loss_oks") == "loss_oks_4"
-    assert opera_loss_key("loss_hm") == "loss_hm"
-    with pytest.raises(KeyError):
-        opera_loss_key("loss_bbox")
-    assert len(OPERA_LOSS_KEYS) == 16
 
 
 def test_joint_decoder_inputs_are_the_last_layer_matches_or_one_dummy():

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_ms_deform_attn import forward_backward, make_inputs
+from petr_testing import forward_backward, make_inputs
 
 from petr.layers import deform_attn_backend, ms_deform_attn, ms_deform_attn_backend
 
@@ -26,7 +26,7 @@ def _count_calls(monkeypatch, name):
 
 
 def test_reference_is_forced_within_the_block_and_restored_after(monkeypatch):
-    if msda._C is None:
+    if ms_deform_attn_backend("cpu") == "reference":
         pytest.skip("petr._C is not built: 'auto' would run the reference too")
     reference, kernel = (
         _count_calls(monkeypatch, "_reference"),
@@ -47,15 +47,19 @@ def test_reference_is_forced_within_the_block_and_restored_after(monkeypatch):
 
 
 def test_switch_is_restored_on_error_and_nests():
+    auto = ms_deform_attn_backend("cpu")  # what runs without a forced choice
     with pytest.raises(RuntimeError, match="boom"):
-        with deform_attn_backend("reference"):
+        with deform_attn_backend("compiled"):
+            assert ms_deform_attn_backend("cpu") == "compiled"
             raise RuntimeError("boom")
-    assert msda._forced_backend == "auto"
-    with deform_attn_backend("reference"):
-        with deform_attn_backend("auto"):
-            assert msda._forced_backend == "auto"
-        assert msda._forced_backend == "reference"
-    assert msda._forced_backend == "auto"
+    assert ms_deform_attn_backend("cpu") == auto
+    with deform_attn_backend("compiled"):
+        with deform_attn_backend("reference"):
+            assert ms_deform_attn_backend("cpu") == "reference"
+            with deform_attn_backend("auto"):
+                assert ms_deform_attn_backend("cpu") == auto
+        assert ms_deform_attn_backend("cpu") == "compiled"
+    assert ms_deform_attn_backend("cpu") == auto
 
 
 def test_unknown_backend_and_missing_kernel_raise(monkeypatch):

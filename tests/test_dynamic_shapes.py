@@ -3,13 +3,12 @@ torch.export with dynamic H, W and batch), with the eager model's results."""
 
 import pytest
 import torch
-from detectron2.structures import ImageList
 from petr_testing import opera_tiny_cfg, shrink_cfg
 
+from petr.data.preprocess import PETRImages, padding_mask
 from petr.engine import PETRTrainer
 from petr.layers import ms_deform_attn
 from petr.modeling.compile import compile_model
-from petr.modeling.meta_arch import padding_mask
 from petr.utils.compat import HAS_CUSTOM_OP
 
 # 12 distinct (h, w): COCO-like aspect ratios (4:3, 3:4, 16:9, 1:1, 3:2, 2:3), short side
@@ -44,7 +43,8 @@ def test_padding_mask_from_a_size_tensor_equals_the_one_from_ints():
 
 def test_joint_decoder_batched_path_equals_the_per_image_path():
     _, model = _tiny_model()
-    images = ImageList(torch.randn(2, 3, 96, 128), [(96, 128), (80, 100)])
+    batch, sizes = torch.randn(2, 3, 96, 128), [(96, 128), (80, 100)]
+    images = PETRImages(batch, sizes, padding_mask(batch, sizes))
     with torch.no_grad():
         enc = model.encode(images)
         kpts = torch.rand(2 * 5, 2 * model.num_keypoints)
@@ -118,7 +118,8 @@ def test_exported_predict_serves_every_size_and_batch():
             self.model = model
 
         def forward(self, image, image_sizes):
-            p = self.model.predict(ImageList(image, image_sizes))
+            images = PETRImages(image, image_sizes, padding_mask(image, image_sizes))
+            p = self.model.predict(images)
             return p.scores, p.keypoints
 
     Dim = torch.export.Dim

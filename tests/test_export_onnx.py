@@ -193,6 +193,7 @@ def test_forward_export_and_tta_share_predict(monkeypatch, tmp_path):
 
     monkeypatch.setattr(PETR, "predict", predict)
     bound = attention.ms_deform_attn
+    auto = msda.ms_deform_attn_backend("cpu")
     image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
     with torch.no_grad():
         model([{"image": image}])
@@ -200,7 +201,7 @@ def test_forward_export_and_tta_share_predict(monkeypatch, tmp_path):
     assert attention.ms_deform_attn is bound
     # eager run + trace, both on the reference; the reference is not left switched on after
     assert calls[1:] == [(1, 3, 64, 96)] * 2 and backends[1:] == ["reference"] * 2
-    assert msda._forced_backend == "auto"
+    assert msda.ms_deform_attn_backend("cpu") == auto
     cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = (64, 96), 160, False
     calls.clear()
     with torch.no_grad():

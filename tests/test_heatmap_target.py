@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from criterion_testing import K
+from petr_testing import K
 
 from petr.modeling.heatmap_target import build_heatmap_targets, gaussian_radius, heatmap_radius
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from criterion_testing import (
+from petr_testing import (
     EPS32,
     K,
     criterion,

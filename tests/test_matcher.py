@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from criterion_testing import K, matcher, normalised, person, sigmoid, target
+from petr_testing import K, matcher, normalised, person, sigmoid, target
 
 
 def test_matcher_picks_obvious_assignment_and_maps_original_gt_indices():

@@ -3,7 +3,9 @@
 import pytest
 import torch
 from detectron2.modeling import build_model
-from petr_testing import load_cfg, random_person_batch, shrink_cfg
+from petr_testing import load_cfg, shrink_cfg
+
+from petr.data.synthetic import random_person_batch
 
 CONFIGS = [
     "petr_R50.yaml",

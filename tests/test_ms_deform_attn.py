@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from petr_testing import CASES, assert_matches, forward_backward, make_inputs, reference_on
 from torch.utils.cpp_extension import is_ninja_available, load_inline
 
 msda = importlib.import_module("petr.layers.ms_deform_attn")
@@ -21,62 +22,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(REPO, "projects", "PETR", "petr", "layers", "csrc")
 HAS_CUDA = torch.cuda.is_available()
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
-
-# name: (N, level sizes (H, W), M, D, Q, P); odd sizes, one level, D with a remainder past
-# 8- and 32-wide chunks, Q = 0, and many queries on two tiny maps (contended grad_value scatter).
-CASES = {
-    "odd_levels": (2, ((7, 5), (3, 4), (1, 1)), 3, 13, 11, 4),
-    "one_level": (1, ((6, 9),), 2, 16, 7, 3),
-    "wide_channels": (3, ((4, 4), (2, 3)), 1, 40, 5, 2),
-    "no_queries": (2, ((3, 3), (2, 2)), 2, 8, 0, 2),
-    "contended": (2, ((2, 2), (3, 1)), 2, 8, 300, 4),
-}
-
-
-def make_inputs(case, dtype=torch.float64, device="cpu", lo=-0.2, hi=1.2, seed=0):
-    """Inputs of a CASES entry; sampling locations uniform in [lo, hi] (outside [0, 1] too)."""
-    N, sizes, M, D, Q, P = CASES[case] if isinstance(case, str) else case
-    g = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(sizes, dtype=torch.int64)
-    areas = shapes[:, 0] * shapes[:, 1]
-    start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    L = len(sizes)
-    value = torch.randn(N, int(areas.sum()), M, D, generator=g, dtype=torch.float64)
-    loc = torch.rand(N, Q, M, L, P, 2, generator=g, dtype=torch.float64) * (hi - lo) + lo
-    attn = torch.rand(N, Q, M, L, P, generator=g, dtype=torch.float64)
-    floats = (t.to(device=device, dtype=dtype) for t in (value, loc, attn))
-    value, loc, attn = floats
-    return value, shapes.to(device), start.to(device), loc, attn
-
-
-def forward_backward(fn, inputs, seed=1, **kwargs):
-    """Output and gradients (value, sampling_locations, attention_weights) of a random loss."""
-    value, shapes, start, loc, attn = (
-        t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs
-    )
-    out = fn(value, shapes, start, loc, attn, **kwargs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grads = torch.autograd.grad(out, (value, loc, attn), g.to(out))
-    return (out, *grads)
-
-
-def reference_on(inputs):
-    """The reference in float64 on the CPU, on exactly the given (possibly rounded) inputs."""
-    return forward_backward(
-        ms_deform_attn_reference,
-        [t.detach().cpu().double() if t.is_floating_point() else t.cpu() for t in inputs],
-    )
-
-
-def assert_matches(actual, expected, tol):
-    names = ("output", "grad_value", "grad_sampling_locations", "grad_attention_weights")
-    for name, a, e in zip(names, actual, expected):
-        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        if e.numel() == 0:
-            continue
-        err = (a.detach().cpu().double() - e).abs().max().item()
-        scale = max(1.0, e.abs().max().item())
-        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.0e} x {scale:.3g}"
 
 
 def kernel_op(device_type):

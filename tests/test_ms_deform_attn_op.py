@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 import torch
-from test_ms_deform_attn import assert_matches, forward_backward, make_inputs, reference_on
+from petr_testing import assert_matches, forward_backward, make_inputs, reference_on
 
 from petr.utils.compat import HAS_CUSTOM_OP
 

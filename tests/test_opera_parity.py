@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
-from petr_testing import OPERA_TINY, make_instances, opera_tiny_cfg
+from petr_testing import OPERA_TINY, opera_tiny_model
 
 from petr.checkpoint.opera_converter import convert_opera_checkpoint
+from petr.data.synthetic import make_instances
 from petr.modeling.criterion import opera_loss_key
 
 
@@ -23,27 +22,13 @@ def converted(tmp_path_factory):
     return dst
 
 
-def _load_model(weights):
-    cfg = opera_tiny_cfg()
-    cfg.MODEL.WEIGHTS = weights
-    model = build_model(cfg)
-    # no missing and no unexpected keys, every shape right
-    saved = torch.load(weights)["model"]
-    assert {k: v.shape for k, v in saved.items()} == {
-        k: v.shape for k, v in model.state_dict().items()
-    }
-    # loaded the way tools/train_net.py --eval-only loads MODEL.WEIGHTS
-    DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    return model
-
-
 @pytest.fixture(scope="module")
 def io():
     return torch.load(os.path.join(OPERA_TINY, "opera_tiny_io.pt"))
 
 
 def test_every_stage_matches_the_official_outputs(converted, io):
-    model = _load_model(converted).eval()
+    model = opera_tiny_model(converted).eval()
     image = {"image": io["image_rgb"].permute(2, 0, 1)}  # its own size: no resize, no padding
     with torch.no_grad():
         enc = model.encode(model.preprocess_image([image]))
@@ -61,7 +46,7 @@ def test_every_stage_matches_the_official_outputs(converted, io):
 
 
 def test_training_losses_match_the_official_values(converted):
-    model = _load_model(converted).train()
+    model = opera_tiny_model(converted).train()
     fixture = torch.load(os.path.join(OPERA_TINY, "opera_tiny_train_batch.pt"))
     batch = [
         {"image": img.permute(2, 0, 1), "instances": make_instances(kp, ar, img.shape[:2])}

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 from detectron2.modeling import build_model
-from petr_testing import load_cfg, random_person_batch, shrink_cfg
+from petr_testing import load_cfg, shrink_cfg
 
+from petr.data.synthetic import random_person_batch
 from petr.modeling.postprocess import (
     keypoint_boxes,
     oks_nms,
@@ -82,7 +83,7 @@ def test_model_applies_oks_nms_only_when_asked(monkeypatch):
         plain = model([image])[0]["instances"]
         model.oks_nms_thresh = 0.9
         nms = model([image])[0]["instances"]
-    keep = oks_nms(plain.pred_keypoints, plain.scores, model.criterion.oks_sigmas, 0.9)
+    keep = oks_nms(plain.pred_keypoints, plain.scores, model.oks_sigmas, 0.9)
     assert len(plain) == 5 and 1 not in keep.tolist() and len(nms) == len(keep) >= 1
     torch.testing.assert_close(nms.pred_keypoints, plain.pred_keypoints[keep])
     torch.testing.assert_close(nms.scores, plain.scores[keep])

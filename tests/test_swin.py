@@ -10,17 +10,12 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.swin import BasicLayer
 from make_swin_fixture import FIXTURE, SIZES, checksum, seeded_images, seeded_state_dict
+from petr_testing import tiny_swin
 from torch import nn
 from torchvision.ops import StochasticDepth
 
 from petr.config import add_petr_config
 from petr.modeling.backbone.swin import PETRSwinTransformer, relative_position_index
-
-TINY = dict(embed_dim=24, depths=[2, 2, 2, 2], num_heads=[1, 2, 3, 4], window_size=7)
-
-
-def tiny(**kw):
-    return PETRSwinTransformer(**{**TINY, "drop_path_rate": 0.0, **kw})
 
 
 def test_features_equal_those_of_the_replaced_implementation():
@@ -45,7 +40,7 @@ def test_features_equal_those_of_the_replaced_implementation():
 
 @pytest.mark.parametrize("hw", [(97, 131), (32, 32), (5, 9)])
 def test_output_shapes_and_strides(hw):
-    m = tiny(out_features=["res2", "res3", "res4", "res5"]).eval()
+    m = tiny_swin(out_features=["res2", "res3", "res4", "res5"]).eval()
     h, w = hw
     with torch.no_grad():
         out = m(torch.randn(2, 3, h, w))
@@ -60,11 +55,11 @@ def test_output_shapes_and_strides(hw):
 
 
 def test_unrequested_stages_are_not_built():
-    m = tiny(out_features=["res3"])
+    m = tiny_swin(out_features=["res3"])
     assert len(m.layers) == 2 and m.layers[1].downsample is None
     assert [k for k in m.state_dict() if re.fullmatch(r"norm\d\.weight", k)] == ["norm1.weight"]
     with pytest.raises(ValueError, match="res6"):
-        tiny(out_features=["res6"])
+        tiny_swin(out_features=["res6"])
 
 
 def test_build_from_config():
@@ -209,13 +204,13 @@ def _weighted_loss(outs, seed=1):
 
 def test_gradients_reach_every_parameter_and_checkpointing_matches():
     torch.manual_seed(0)
-    m = tiny().train()
+    m = tiny_swin().train()
     x = torch.randn(2, 3, 33, 47)
     _weighted_loss(m(x)).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-    m_cp = tiny(use_checkpoint=True).train()
+    m_cp = tiny_swin(use_checkpoint=True).train()
     m_cp.load_state_dict(m.state_dict())
     _weighted_loss(m_cp(x)).backward()
     for (name, p), p_cp in zip(m.named_parameters(), m_cp.parameters()):
@@ -223,7 +218,7 @@ def test_gradients_reach_every_parameter_and_checkpointing_matches():
 
 
 def test_drop_path_drops_whole_samples():
-    m = tiny(drop_path_rate=0.5, out_features=["res3"])  # rates still over all 8 blocks
+    m = tiny_swin(drop_path_rate=0.5, out_features=["res3"])  # rates still over all 8 blocks
     dp = m.layers[1].blocks[1].drop_path
     assert isinstance(m.layers[0].blocks[0].drop_path, nn.Identity)  # linear over depth, from 0
     assert isinstance(dp, StochasticDepth) and dp.p == pytest.approx(0.5 * 3 / 7)

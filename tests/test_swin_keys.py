@@ -13,8 +13,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
-from petr_testing import OPERA_STATE_DICTS, REPO_ROOT
-from test_swin import tiny
+from petr_testing import OPERA_STATE_DICTS, REPO_ROOT, tiny_swin
 from torch import nn
 
 from petr.checkpoint.swin_keys import convert_microsoft_swin, convert_opera_swin_backbone
@@ -64,14 +63,14 @@ class MMDetPatchMerging(nn.Module):
 
 def test_opera_conversion_matches_mmdet_patch_merging():
     torch.manual_seed(0)
-    ours = tiny()
+    ours = tiny_swin()
     ref = [MMDetPatchMerging(24 * 2**s) for s in range(3)]
     mm = _to_mmdet(ours.state_dict())
     for s, r in enumerate(ref):
         for name, t in r.state_dict().items():
             mm[f"backbone.stages.{s}.downsample.{name}"] = t
     conv = convert_opera_swin_backbone(mm)
-    loaded = tiny()
+    loaded = tiny_swin()
     loaded.load_state_dict(conv)  # strict: exactly our keys
     for k, v in ours.state_dict().items():
         if ".downsample." not in k:
@@ -165,7 +164,7 @@ def test_opera_swinl_conversion_gives_exactly_our_swinl_state_dict():
     ],
 )
 def test_opera_conversion_rejects_bad_input(edit, match):
-    sd = _to_mmdet(tiny().state_dict())
+    sd = _to_mmdet(tiny_swin().state_dict())
     edit(sd)
     with pytest.raises(ValueError, match=match):
         convert_opera_swin_backbone(sd)
@@ -181,7 +180,7 @@ def _microsoft_checkpoint(model):
 
 def test_microsoft_conversion_and_tool_load_into_detectron2(tmp_path):
     torch.manual_seed(0)
-    src_model = tiny()
+    src_model = tiny_swin()
     ckpt = _microsoft_checkpoint(src_model)
     del ckpt["model"]["layers.1.blocks.0.attn.relative_position_index"]  # some releases lack it
     conv, dropped = convert_microsoft_swin(ckpt)
@@ -207,7 +206,7 @@ def test_microsoft_conversion_and_tool_load_into_detectron2(tmp_path):
     class Wrapper(nn.Module):  # a PETR-like model: backbone plus something else
         def __init__(self):
             super().__init__()
-            self.backbone = tiny()
+            self.backbone = tiny_swin()
             self.head = nn.Linear(2, 2)
 
     model = Wrapper()

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from petr_testing import opera_tiny_cfg, random_person_batch
+from petr_testing import opera_tiny_cfg
 
+from petr.data.synthetic import random_person_batch
 from petr.utils.compat import HAS_CUSTOM_OP
 
 H, W = 96, 128

@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from petr_testing import REPO_ROOT, load_cfg, random_person_batch, shrink_cfg
+from petr_testing import REPO_ROOT, load_cfg, shrink_cfg
 
+from petr.data.synthetic import random_person_batch
 from petr.engine import PETRTrainer, build_petr_optimizer
 
 TRAIN_NET = os.path.join(REPO_ROOT, "tools", "train_net.py")

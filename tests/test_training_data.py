@@ -200,7 +200,9 @@ def test_a_test_dataset_with_other_keypoints_fails_before_inference(tmp_path):
     cfg = _cfg(name)
     model = PETRTrainer.build_model(_cfg("petr_test_image_rule_none"))  # K = 3
     assert model.num_keypoints == 3
-    with pytest.raises(ValueError, match=r"'petr_test_k_mismatch' has 14 keypoints .* predicts 3"):
+    with pytest.raises(
+        ValueError, match=r"'petr_test_k_mismatch' \(.*\.json\) has 14 keypoint_names .* predicts 3"
+    ):
         PETRTrainer.test(cfg, model, [_Recorder()])
 
 

@@ -5,9 +5,11 @@ import math
 import cv2
 import numpy as np
 import pytest
+import torch
 from detectron2.data import transforms as T
 from petr_testing import load_cfg
 
+from petr.data.preprocess import PETRPreprocessor
 from petr.data.transforms import (
     AffineWarpTransform,
     CV2ResizeTransform,
@@ -228,7 +230,7 @@ def test_crop_policy_sizes_and_test_resize():
         first, crop, _ = policies[1](aug_input).transforms
         assert min(first.new_h, first.new_w) in (400, 500, 600)
         assert 384 <= crop.h <= 600 and 384 <= crop.w <= 600
-    test_aug = T.AugmentationList(build_petr_augmentation(cfg, is_train=False))
-    aug_input = T.AugInput(np.zeros((480, 640, 3), np.uint8))
-    test_aug(aug_input)
-    assert aug_input.image.shape == (800, 1067, 3) and aug_input.image.dtype == np.uint8
+    test_input = PETRPreprocessor(cfg)(np.zeros((480, 640, 3), np.uint8))["image"]
+    assert test_input.shape == (3, 800, 1067) and test_input.dtype == torch.uint8
+    with pytest.raises(ValueError, match="PETRPreprocessor"):
+        build_petr_augmentation(cfg, is_train=False)

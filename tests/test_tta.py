@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 from petr_testing import load_cfg, shrink_cfg
 
-from petr.data.metadata import COCO_OKS_SIGMAS
+from petr.data.metadata import COCO_OKS_SIGMAS, KeypointSpec
+from petr.modeling.meta_arch import PETR
+from petr.modeling.structures import PETRPredictions
 from petr.modeling.test_time_augmentation import (
     PETRWithTTA,
     hflip_poses,
@@ -24,14 +25,17 @@ COCO = "keypoints_coco_2017_val"  # Detectron2's built-in metadata: names, flip 
 COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
 
 
-def test_flip_indices_come_from_the_test_metadata():
+def test_flip_indices_come_from_the_model_and_the_test_set_must_match_it():
     cfg = shrink_cfg(load_cfg("petr_R50.yaml"))
     assert cfg.DATASETS.TEST == (COCO,) and cfg.TEST.AUG.FLIP
+    assert build_model(cfg).keypoint_spec.flip_indices == tuple(COCO_FLIP)
     assert PETRWithTTA(cfg, _FixedPoses(_people(1), torch.ones(1))).flip_indices == COCO_FLIP
-    model = _FixedPoses(_people(1), torch.ones(1))
-    model.num_keypoints = 14
-    with pytest.raises(ValueError, match="17 keypoint_names, the model has 14"):
+    model = _FixedPoses(_people(1), torch.ones(1), KeypointSpec(14, tuple(range(14)), None))
+    with pytest.raises(ValueError, match=f"{COCO}.*17 keypoint_names.*model predicts 14"):
         PETRWithTTA(cfg, model)
+    no_flip = _FixedPoses(_people(1), torch.ones(1), KeypointSpec(17, None, None))
+    with pytest.raises(ValueError, match="TEST.AUG.FLIP needs the flip indices"):
+        PETRWithTTA(cfg, no_flip)
 
 
 def test_unflip_of_flipped_pose_returns_original_with_swapped_ids():
@@ -130,29 +134,33 @@ def test_oks_merge_keeps_poses_below_the_oks_threshold_apart():
 
 
 class _FixedPoses(nn.Module):
-    """A stand-in for PETR that records its inputs and returns fixed poses in the pixels of the
-    original image (height, width), whatever the image shows."""
+    """A stand-in for PETR that records its inputs and predicts fixed poses, given in pixels of
+    the original image (height, width) whatever the image shows; it ends in PETR's back door."""
 
     input_format = "RGB"
-    num_keypoints = 17
+    output_pixel_offset, oks_nms_thresh = 0.0, 0.0
+    postprocess = PETR.postprocess
 
-    def __init__(self, poses, scores):
+    def __init__(self, poses, scores, spec=None):
         super().__init__()
         self.poses, self.scores, self.inputs = poses, scores, []
+        self.keypoint_spec = spec or KeypointSpec(17, tuple(COCO_FLIP), tuple(COCO_OKS_SIGMAS))
 
-    def forward(self, batched_inputs):
+    def forward(self, batched_inputs, do_postprocess=True):
         (x,) = batched_inputs
         self.inputs.append(x)
-        inst = Instances((x["height"], x["width"]))
-        inst.pred_keypoints = torch.cat([self.poses, torch.ones_like(self.poses[..., :1])], -1)
-        inst.scores = self.scores
-        return [{"instances": inst}]
+        size = tuple(x["image"].shape[-2:])
+        scale = torch.tensor([float(x["width"]), float(x["height"])])
+        predictions = PETRPredictions(self.scores[None], (self.poses / scale)[None])
+        if not do_postprocess:
+            return predictions, [size]
+        return self.postprocess(predictions, batched_inputs, [size])
 
 
 def _tta(model, **kw):
-    args = dict(min_sizes=[64], max_size=200, flip=True, flip_indices=COCO_FLIP)
+    args = dict(min_sizes=[64], max_size=200, flip=True)
     args.update(kw)
-    return PETRWithTTA(model, oks_sigmas=SIGMAS.tolist(), **args).eval()
+    return PETRWithTTA(model, **args).eval()
 
 
 def test_flip_view_is_the_mirrored_resize_and_maps_back_with_swapped_joints():
@@ -252,10 +260,9 @@ def test_symmetric_image_flip_views_agree(tiny_petr):
 
 @pytest.mark.parametrize("offset", [0.0, 0.5])
 def test_flip_view_of_a_mirrored_image_agrees_with_the_plain_view(tiny_petr, offset):
-    """The flip view of mirror(I) feeds the network the pixels of I, so once mapped back it
-    must be the official mirror (x' = W - x in the network's frame, i.e. before
-    OUTPUT_PIXEL_OFFSET) of the plain view of I, and in the network's frame it must not depend
-    on the offset."""
+    """The flip view of mirror(I) feeds the network the pixels of I, so once mapped back it is
+    the official mirror (x' = W - x in the network's frame, here x' = 1 - x normalised) of the
+    plain view of I; OUTPUT_PIXEL_OFFSET enters once, in the back door, after the merge."""
     cfg, model = tiny_petr
     cfg = cfg.clone()
     cfg.TEST.AUG.MIN_SIZES = (64,)  # the image's own size: no resampling
@@ -263,17 +270,14 @@ def test_flip_view_of_a_mirrored_image_agrees_with_the_plain_view(tiny_petr, off
                           dtype=torch.uint8)  # fmt: skip
     mirrored = image.flip(-1)
     tta = PETRWithTTA(cfg, model).eval()
-
-    def network_frame(o):
-        model.output_pixel_offset = o
-        try:
-            with torch.no_grad():
-                (plain, _), _ = tta.view_poses({"image": image})[0]
-                _, (flip_view, _) = tta.view_poses({"image": mirrored})[0]
-        finally:
-            model.output_pixel_offset = 0.0
-        return plain - o, flip_view - o
-
-    plain, flip_view = network_frame(offset)
-    torch.testing.assert_close(flip_view, hflip_poses(plain, 80, COCO_FLIP), rtol=0, atol=1e-4)
-    torch.testing.assert_close(flip_view, network_frame(0.0)[1], rtol=0, atol=1e-4)
+    with torch.no_grad():
+        (plain, _), _ = tta.view_poses({"image": image})[0]
+        _, (flip_view, _) = tta.view_poses({"image": mirrored})[0]
+    torch.testing.assert_close(flip_view, hflip_poses(plain, 1.0, COCO_FLIP), rtol=0, atol=1e-6)
+    without = tta([{"image": mirrored}])[0]["instances"].pred_keypoints
+    model.output_pixel_offset = offset
+    try:
+        shifted = tta([{"image": mirrored}])[0]["instances"].pred_keypoints
+    finally:
+        model.output_pixel_offset = 0.0
+    torch.testing.assert_close(shifted[..., :2], without[..., :2] + offset, rtol=0, atol=1e-4)

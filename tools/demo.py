@@ -6,8 +6,11 @@
     python tools/demo.py --config-file configs/petr_R50.yaml --video-input v.mp4 --output out/
     python tools/demo.py --config-file configs/petr_R50.yaml --webcam --opts MODEL.WEIGHTS m.pth
 Without --output, results are shown in a window (needs an OpenCV build with GUI support).
-Unreadable image files are reported and skipped; the exit code is 1 if nothing was drawn, if
---input finds no image, or if the video writer for --output cannot be opened.
+Unreadable image files are reported and skipped; 16-bit and 1-channel images are read as 8-bit
+(petr.data.image_io). Drawings are saved with the long side at most --max-output-size (4096
+px) unless --full-size. The exit code is 1, with one error line, if nothing was drawn, if
+--input finds no image, if the video has no frame, or if an output cannot be written; a video
+is written under a temporary name and renamed when complete, so no half-written file is left.
 """
 
 import argparse
@@ -19,10 +22,10 @@ import time
 
 import cv2
 import tqdm
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from petr import get_petr_cfg
+from petr.data.image_io import read_image
 from petr.demo import VisualizationDemo
 
 WINDOW_NAME = "PETR"
@@ -53,6 +56,14 @@ def get_parser():
         "--confidence-threshold", type=float, default=0.3, help="draw poses scoring at least this"
     )
     parser.add_argument(
+        "--max-output-size", type=int, default=4096, metavar="PX",
+        help="save image drawings with the long side at most PX (a 48 MP photo drawn at full "
+        "size needs several GB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--full-size", action="store_true", help="save image drawings at the input's size"
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
     return parser
@@ -81,17 +92,23 @@ def collect_inputs(patterns):
     return paths
 
 
+class DemoError(RuntimeError):
+    """The demo cannot do what it was asked; main() logs it and exits with status 1."""
+
+
 def _output_path(output, path, many):
     """Inside `output` when it is (or must be, for several inputs) a folder, else `output`."""
-    if many or os.path.isdir(output) or output.endswith(os.sep):
-        os.makedirs(output, exist_ok=True)
-        return os.path.join(output, os.path.basename(path))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    return output
+    folder = many or os.path.isdir(output) or output.endswith(os.sep)
+    try:
+        os.makedirs(output if folder else os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"Cannot create the output folder for {output!r}: {e.strerror or e}") from e
+    return os.path.join(output, os.path.basename(path)) if folder else output
 
 
-def run_on_images(demo, paths, output):
-    """Returns the number of images drawn; unreadable files are logged by name and skipped."""
+def run_on_images(demo, paths, output, max_side=None):
+    """Returns the number of images drawn; unreadable files are logged by name and skipped.
+    Raises DemoError when a drawing cannot be written."""
     done = 0
     for path in tqdm.tqdm(paths, disable=len(paths) < 2, desc="images"):
         try:
@@ -100,11 +117,15 @@ def run_on_images(demo, paths, output):
             logger.warning(f"Cannot read image {path}: {e}; skipped")
             continue
         start = time.time()
-        predictions, vis = demo.run_on_image(image)
+        predictions, vis = demo.run_on_image(image, max_side=max_side)
         n = int((predictions["instances"].scores >= demo.confidence_threshold).sum())
         logger.info(f"{path}: {n} poses in {time.time() - start:.2f}s")
         if output:
-            vis.save(_output_path(output, path, len(paths) > 1))
+            target = _output_path(output, path, len(paths) > 1)
+            try:
+                vis.save(target)
+            except OSError as e:
+                raise DemoError(f"Cannot write the drawing {target!r}: {e.strerror or e}") from e
         else:
             cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
             cv2.imshow(WINDOW_NAME, vis.get_image()[:, :, ::-1])
@@ -114,39 +135,45 @@ def run_on_images(demo, paths, output):
     return done
 
 
-class DemoError(RuntimeError):
-    """The demo cannot do what it was asked; main() logs it and exits with status 1."""
+def _video_output(output, video_path):
+    if os.path.isdir(output) or output.endswith(os.sep):
+        os.makedirs(output, exist_ok=True)
+        return os.path.join(output, os.path.splitext(os.path.basename(video_path))[0] + ".mp4")
+    return output
 
 
 def run_on_video(demo, video_path, output):
     """Returns the number of frames drawn (0 if the video cannot be opened). Raises DemoError
-    when the output writer cannot be opened."""
+    when the video has no frame or the output cannot be written. The output is written under a
+    temporary name beside it and renamed once complete."""
+    if output:
+        output = _video_output(output, video_path)
+        folder, name = os.path.split(os.path.abspath(output))
+        partial = os.path.join(folder, f".{name}.partial.mp4")  # the extension picks the muxer
+        if not os.access(folder, os.W_OK):
+            raise DemoError(
+                f"Cannot open the video writer for {output!r}: its folder does not exist or is "
+                "not writable"
+            )
     video = cv2.VideoCapture(video_path)
     if not video.isOpened():
         logger.error(f"Cannot open video {video_path}")
         return 0
-    width, height = (
-        int(video.get(cv2.CAP_PROP_FRAME_WIDTH)),
-        int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-    )
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
     num_frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    writer = None
-    if output:
-        if os.path.isdir(output) or output.endswith(os.sep):
-            os.makedirs(output, exist_ok=True)
-            name = os.path.splitext(os.path.basename(video_path))[0] + ".mp4"
-            output = os.path.join(output, name)
-        writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        if not writer.isOpened():
-            video.release()
-            raise DemoError(
-                f"Cannot open the video writer for {output!r} (mp4v, {width}x{height}): does "
-                "its folder exist and is it writable?"
-            )
-    done = 0
+    writer, done = None, 0
     try:
         for frame in tqdm.tqdm(demo.run_on_video(video), total=num_frames, desc="frames"):
+            if output and writer is None:
+                height, width = frame.shape[:2]
+                writer = cv2.VideoWriter(
+                    partial, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+                )
+                if not writer.isOpened():
+                    raise DemoError(
+                        f"Cannot open the video writer for {output!r} (mp4v, {width}x{height}): "
+                        "is its folder writable?"
+                    )
             if writer is not None:
                 writer.write(frame)
             else:
@@ -155,11 +182,18 @@ def run_on_video(demo, video_path, output):
                 if cv2.waitKey(1) == 27:  # ESC
                     break
             done += 1
+        if not done:
+            raise DemoError(f"Video {video_path} has no frame that can be decoded")
+        if writer is not None:
+            writer.release()
+            os.replace(partial, output)
     finally:
         video.release()
         if writer is not None:
             writer.release()
-        else:
+            if os.path.exists(partial):
+                os.remove(partial)  # incomplete
+        elif not output:
             cv2.destroyAllWindows()
     return done
 
@@ -200,7 +234,8 @@ def main(argv=None) -> int:
     )
     try:
         if args.input:
-            done = run_on_images(demo, paths, args.output)
+            max_side = None if args.full_size else args.max_output_size
+            done = run_on_images(demo, paths, args.output, max_side)
             logger.info(f"Drew {done} of {len(paths)} images")
         elif args.video_input:
             done = run_on_video(demo, args.video_input, args.output)

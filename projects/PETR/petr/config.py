@@ -64,6 +64,74 @@ def check_device(cfg):
         )
 
 
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+_LOSS_WEIGHTS = ("CLS", "KPT", "OKS", "HM", "KPT_REFINE", "OKS_REFINE", "ENC_CLS", "ENC_KPT")
+# (key, test of the value, allowed range as the error says it); sequences: every element.
+_VALUE_RULES = (
+    [
+        ("MODEL.PETR.NUM_QUERIES", lambda v: v >= 1, ">= 1"),
+        ("MODEL.PETR.ENC_N_POINTS", lambda v: v >= 1, ">= 1"),
+        ("MODEL.PETR.JOINT_DEC_N_POINTS", lambda v: v >= 1, ">= 1"),
+        ("MODEL.PETR.NUM_HEADS", lambda v: v >= 1, ">= 1"),
+        ("MODEL.PETR.DROPOUT", lambda v: 0 <= v < 1, "[0, 1)"),
+        ("MODEL.PETR.OKS_NMS_THRESH_TEST", lambda v: 0 <= v <= 1, "[0, 1] (0: no OKS-NMS)"),
+        ("TEST.DETECTIONS_PER_IMAGE", lambda v: v >= 1, ">= 1"),
+        ("SOLVER.IMS_PER_BATCH", lambda v: v >= 1, ">= 1 (images per step, all GPUs together)"),
+        ("INPUT.MIN_SIZE_TRAIN", lambda v: v >= 1, ">= 1 px"),
+        ("INPUT.MAX_SIZE_TRAIN", lambda v: v >= 1, ">= 1 px"),
+        ("INPUT.MIN_SIZE_TEST", lambda v: v >= 0, ">= 0 px (0: no resize at test)"),
+        ("INPUT.MAX_SIZE_TEST", lambda v: v >= 1, ">= 1 px"),
+        ("INPUT.PETR.CROP_MIN_SIZE_TRAIN", lambda v: v >= 1, ">= 1 px"),
+        ("INPUT.PETR.CROP_MAX_SIZE_TRAIN", lambda v: v >= 1, ">= 1 px"),
+        ("INPUT.PETR.FLIP_PROB", lambda v: 0 <= v <= 1, "[0, 1]"),
+        ("DATALOADER.PETR.MAX_BAD_IMAGE_SHARE", lambda v: 0 < v <= 1, "(0, 1]"),
+        ("DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE", lambda v: 0 <= v <= 1, "[0, 1]"),
+    ]
+    + [(f"MODEL.PETR.{w}_WEIGHT", lambda v: v >= 0, ">= 0") for w in _LOSS_WEIGHTS]
+    + [(f"MODEL.PETR.MATCH_{w}_WEIGHT", lambda v: v >= 0, ">= 0") for w in ("CLS", "KPT", "OKS")]
+)
+
+
+def check_config(cfg):
+    """Refuse impossible values before anything is built, with an error naming the key and the
+    allowed range (`check_device` included). Run by the trainer (training and --eval-only) and
+    the predictor (the demo)."""
+    import os
+
+    check_device(cfg)
+    for key, ok, allowed in _VALUE_RULES:
+        value = _get(cfg, key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(ok(v) for v in values):
+            raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    p = cfg.MODEL.PETR
+    if p.HIDDEN_DIM < 1 or p.HIDDEN_DIM % p.NUM_HEADS:
+        raise ValueError(
+            f"MODEL.PETR.HIDDEN_DIM must be a positive multiple of MODEL.PETR.NUM_HEADS "
+            f"({p.NUM_HEADS}), got {p.HIDDEN_DIM}"
+        )
+    if p.NUM_FEATURE_LEVELS < max(1, len(p.IN_FEATURES)):
+        raise ValueError(
+            f"MODEL.PETR.NUM_FEATURE_LEVELS must be >= len(MODEL.PETR.IN_FEATURES) = "
+            f"{len(p.IN_FEATURES)} (extra levels are stride-2 convs), got {p.NUM_FEATURE_LEVELS}"
+        )
+    if cfg.TEST.AUG.ENABLED:
+        for key in ("TEST.AUG.MIN_SIZES", "TEST.AUG.MAX_SIZE"):
+            value = _get(cfg, key)
+            if not all(v >= 1 for v in (value if isinstance(value, (list, tuple)) else [value])):
+                raise ValueError(f"{key} must be >= 1 px, got {value!r}")
+    if cfg.MODEL.WEIGHTS and os.path.isdir(cfg.MODEL.WEIGHTS):
+        raise ValueError(
+            f"MODEL.WEIGHTS must be a checkpoint file, got the folder {cfg.MODEL.WEIGHTS!r} "
+            "(a training run's folder holds e.g. model_final.pth)"
+        )
+
+
 def _add_model_config(cfg):
     cfg.MODEL.PETR = CN()
     p = cfg.MODEL.PETR
@@ -153,6 +221,13 @@ def _add_data_config(cfg):
     # Unreadable training images (missing, truncated, undecodable) are replaced by another
     # image and counted; training stops when more than this share of the reads fails.
     d.MAX_BAD_IMAGE_SHARE = 0.01
+    # Annotations are checked when a dataset is loaded (petr.data.annotation_checks): malformed
+    # ones are dropped and invalid boxes counted; a training or test dataset with more than this
+    # share of bad annotations is an error before training or inference starts.
+    d.MAX_BAD_ANNOTATION_SHARE = 0.01
+    # Compare each training image's file size (header only) with the json's width and height
+    # at load; images that differ are dropped and counted. Off: found when an image is drawn.
+    d.CHECK_IMAGE_SIZES = True
     # Policy 2 of the official AutoAugment: short side one of CROP_MIN_SIZE_TRAIN (long cap
     # 4200), then Detectron2's INPUT.CROP (Base-PETR.yaml: absolute_range [384, 600]), then
     # policy 1 (INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN). CROP.ENABLED False keeps only policy 1.

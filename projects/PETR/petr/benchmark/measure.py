@@ -22,10 +22,11 @@ from typing import Dict, List
 
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances, Keypoints
 
 from petr import get_petr_cfg
 from petr.checkpoint.checkpointer import PETRCheckpointer
+from petr.data.synthetic import random_person_batch
+from petr.engine.solver import build_petr_optimizer
 from petr.layers import ms_deform_attn_backend
 
 from .keypoint_rcnn import KeypointRCNNRunner, keypoint_rcnn_batch
@@ -45,46 +46,13 @@ def deform_attn_backend(device_type: str) -> str:
 def synthetic_batch(
     num_keypoints: int, height: int, width: int, batch_size: int, with_targets: bool, seed=0
 ) -> List[Dict]:
-    """Detectron2 input dicts: random uint8 (3, height, width) images and, for training,
-    PEOPLE_PER_IMAGE random poses per image (keypoints in pixels, ~70% of joints visible)."""
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(batch_size):
-        x = {
-            "image": torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8),
-            "height": height,
-            "width": width,
-        }
-        if with_targets:
-            n = PEOPLE_PER_IMAGE
-            # each person spans a random box covering up to half of the image side
-            lo = torch.rand(n, 1, 2, generator=g) * 0.5
-            xy = (lo + torch.rand(n, num_keypoints, 2, generator=g) * 0.5) * torch.tensor(
-                [width - 1.0, height - 1.0]
-            )
-            vis = (torch.rand(n, num_keypoints, 1, generator=g) > 0.3).float() * 2
-            vis[:, 0] = 2  # at least one visible joint per person
-            kpts = torch.cat([xy, vis], -1) * (vis > 0)
-            shown = vis[..., 0] > 0
-            big = torch.tensor(float("inf"))
-            boxes = torch.stack(
-                [
-                    torch.where(shown, kpts[..., 0], big).amin(1),
-                    torch.where(shown, kpts[..., 1], big).amin(1),
-                    torch.where(shown, kpts[..., 0], -big).amax(1),
-                    torch.where(shown, kpts[..., 1], -big).amax(1),
-                ],
-                -1,
-            )
-            inst = Instances((height, width))
-            inst.gt_keypoints = Keypoints(kpts)
-            inst.gt_boxes = Boxes(boxes)
-            inst.gt_areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(
-                min=32.0
-            )
-            inst.gt_classes = torch.zeros(n, dtype=torch.int64)
-            x["instances"] = inst
-        batch.append(x)
+    """Detectron2 input dicts of random uint8 (3, height, width) images (`random_person_batch`,
+    the tests' synthetic data) with, for training, PEOPLE_PER_IMAGE random poses per image."""
+    people = [PEOPLE_PER_IMAGE if with_targets else 0] * batch_size
+    batch = random_person_batch(num_keypoints, [(height, width)] * batch_size, people, seed)
+    if not with_targets:
+        for x in batch:
+            del x["instances"]
     return batch
 
 
@@ -143,19 +111,15 @@ def _steps(spec: Dict, cfg, model):
                 return module(batch)
 
         return batch, step
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=1e-4)
+    # The training recipe's optimiser: learning-rate multipliers, weight decay and gradient
+    # clipping (inside its step, as in training; Detectron2's AMPTrainer does not unscale first).
+    optimizer = build_petr_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    clip_value = clip.CLIP_VALUE if clip.ENABLED and clip.CLIP_TYPE == "full_model" else None
 
     def step(module):
         with autocast:
             losses = module(batch)
         scaler.scale(sum(losses.values())).backward()
-        if clip_value is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip_value, clip.NORM_TYPE)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,8 @@ import math
 
 from detectron2.utils.events import get_event_storage
 
+from .annotation_checks import take_training_reports
+
 __all__ = [
     "BAD_IMAGES_KEY",
     "UNREADABLE_KEY",
@@ -52,6 +54,8 @@ class BadImageMonitor:
         if not 0 < max_share <= 1:
             raise ValueError(f"DATALOADER.PETR.MAX_BAD_IMAGE_SHARE must be in (0, 1]: {max_share}")
         self.loader = loader
+        # The load-time annotation checks of the training set just built (annotation_checks)
+        self.annotation_reports = take_training_reports()
         self.max_share = max_share
         self.reads = 0
         self.failed = 0
@@ -61,18 +65,31 @@ class BadImageMonitor:
         return len(self.loader)
 
     def __iter__(self):
+        reported = False
         for batch in self.loader:
             for d in batch:
                 self._account(d.pop(BAD_IMAGES_KEY, ()))
             self.reads += len(batch)
             self._check()
             try:
-                get_event_storage().put_scalar(
-                    "data/bad_image_reads", self.failed, smoothing_hint=False
-                )
+                storage = get_event_storage()
             except AssertionError:  # iterated outside a training loop: nothing to report to
-                pass
+                storage = None
+            if storage is not None:
+                storage.put_scalar("data/bad_image_reads", self.failed, smoothing_hint=False)
+                if not reported:
+                    self._put_annotation_reports(storage)
+                    reported = True
             yield batch
+
+    def _put_annotation_reports(self, storage):
+        """One line in the event storage: the training set's bad annotations, per reason."""
+        scalars = {"data/bad_annotations": sum(r.bad for r in self.annotation_reports)}
+        for report in self.annotation_reports:
+            for reason, count in report.counts.items():
+                key = f"data/bad_annotations/{report.dataset}/{reason}"
+                scalars[key] = scalars.get(key, 0) + count
+        storage.put_scalars(**scalars, smoothing_hint=False)
 
     def _account(self, failures):
         for path, reason in failures:

@@ -17,7 +17,9 @@ from detectron2.structures import Boxes, BoxMode, Instances, Keypoints
 from detectron2.utils.logger import log_first_n
 
 from .bad_images import BAD_IMAGES_KEY, UNREADABLE_KEY
+from .image_io import read_image
 from .metadata import keypoint_spec
+from .preprocess import PETRPreprocessor
 from .transforms import (
     AffineWarpTransform,
     CV2ResizeTransform,
@@ -122,8 +124,9 @@ class PETRDatasetMapper:
     without people is a negative sample. Returns None (Detectron2 then resamples another image)
     when the official code would: the affine warp or a crop removed every person.
 
-    Test output: "image" uint8 (3, H, W), resized so the short side is MIN_SIZE_TEST and the long
-    side at most MAX_SIZE_TEST; annotations are dropped. "height"/"width" stay the original size.
+    Test output: "image" uint8 (3, H, W) from the front door (`PETRPreprocessor`: short side
+    MIN_SIZE_TEST, long side at most MAX_SIZE_TEST); annotations are dropped. "height"/"width"
+    stay the original size.
 
     An image that cannot be read (missing, truncated, undecodable): in training the mapper
     returns None (another image is drawn) and attaches (file_name, reason) to the next sample it
@@ -136,13 +139,18 @@ class PETRDatasetMapper:
         self,
         is_train,
         *,
-        augmentations,
+        augmentations=(),
         image_format,
         num_keypoints=None,
         keypoint_hflip_indices=None,
+        preprocessor: PETRPreprocessor | None = None,
     ):
+        """Training: `augmentations` (the official pipeline) and `num_keypoints`. Test:
+        `preprocessor`, the front door shared by every inference route."""
         if is_train and num_keypoints is None:
             raise ValueError("PETRDatasetMapper needs num_keypoints in training")
+        if not is_train and preprocessor is None:
+            raise ValueError("PETRDatasetMapper needs the front door (preprocessor) at test time")
         if keypoint_hflip_indices is not None and len(keypoint_hflip_indices) != num_keypoints:
             raise ValueError(
                 f"keypoint_hflip_indices has {len(keypoint_hflip_indices)} entries for "
@@ -153,19 +161,20 @@ class PETRDatasetMapper:
         self.image_format = image_format
         self.num_keypoints = num_keypoints
         self.keypoint_hflip_indices = keypoint_hflip_indices
+        self.preprocessor = preprocessor
         self._bad_reads = []  # failed reads not yet reported on a returned sample
         self._consecutive_bad = 0
+        steps = self.augmentations if is_train else preprocessor
         mode = "training" if is_train else "inference"
-        logging.getLogger(__name__).info(f"[PETRDatasetMapper] {mode}: {self.augmentations}")
+        logging.getLogger(__name__).info(f"[PETRDatasetMapper] {mode}: {steps}")
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
-        ret = {
-            "is_train": is_train,
-            "augmentations": build_petr_augmentation(cfg, is_train),
-            "image_format": cfg.INPUT.FORMAT,
-        }
-        if is_train:
+        ret = {"is_train": is_train, "image_format": cfg.INPUT.FORMAT}
+        if not is_train:
+            ret["preprocessor"] = PETRPreprocessor(cfg)
+        else:
+            ret["augmentations"] = build_petr_augmentation(cfg, is_train)
             flip = cfg.INPUT.PETR.FLIP_PROB > 0
             spec = keypoint_spec(
                 cfg.DATASETS.TRAIN,
@@ -182,7 +191,7 @@ class PETRDatasetMapper:
         file_name = dataset_dict["file_name"]
         try:
             # PIL raises OSError (missing, truncated), ValueError or SyntaxError (undecodable)
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format)
         except (OSError, ValueError, SyntaxError) as e:
             return self._bad_read(file_name, f"{type(e).__name__}: {e}")
         utils.check_image_size(dataset_dict, image)  # a wrong json is an error, not a bad file
@@ -252,10 +261,8 @@ class PETRDatasetMapper:
             return dataset_dict
         if not self.is_train:
             dataset_dict.pop("annotations", None)
-            aug_input = T.AugInput(image)  # uint8, as the official test pipeline
-            self.augmentations(aug_input)
-            image = aug_input.image
-            dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            # the front door, as every inference route (uint8, as the official test pipeline)
+            dataset_dict["image"] = self.preprocessor(image)["image"]
             return dataset_dict
         targets = self._load_targets(dataset_dict, image.shape[:2])
         aug_input = T.AugInput(image.astype(np.float32))  # the official to_float32=True

@@ -11,7 +11,14 @@ from typing import Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 
-__all__ = ["COCO_OKS_SIGMAS", "CROWDPOSE_OKS_SIGMAS", "KeypointSpec", "keypoint_spec"]
+__all__ = [
+    "COCO_OKS_SIGMAS",
+    "CROWDPOSE_OKS_SIGMAS",
+    "KeypointSpec",
+    "check_keypoint_compat",
+    "check_metadata_keypoints",
+    "keypoint_spec",
+]
 
 COCO_OKS_SIGMAS = [
     0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072,
@@ -99,6 +106,41 @@ def keypoint_spec(dataset_names: Sequence[str], **kwargs) -> KeypointSpec:
                 f"keypoint_flip_map, which {flip_key} needs to be the same"
             )
     return first
+
+
+def _model_spec(model) -> KeypointSpec:
+    """The `keypoint_spec` of a PETR, through DDP (`.module`) and TTA (`.model`) wrappers."""
+    inner = model
+    while not hasattr(inner, "keypoint_spec"):
+        inner = getattr(inner, "module", None) or getattr(inner, "model", None)
+        if inner is None:
+            raise TypeError(f"{type(model).__name__} is not a PETR model (no keypoint_spec)")
+    return inner.keypoint_spec
+
+
+def check_metadata_keypoints(metadata, num_keypoints: int) -> None:
+    """Raise when a dataset's `keypoint_names` do not number `num_keypoints` (the model's K):
+    its evaluation would fail in COCOeval after the whole inference, and its drawings would
+    mislabel every joint. The error names the dataset, its json file and both Ks."""
+    names = metadata.get("keypoint_names")
+    if names and len(names) != num_keypoints:
+        json_file = metadata.get("json_file")
+        source = f" ({json_file})" if json_file else ""
+        raise ValueError(
+            f"TEST dataset {metadata.name!r}{source} has {len(names)} keypoint_names but the "
+            f"model predicts {num_keypoints} keypoints: evaluate on and draw with a dataset of "
+            "the model's joints (DATASETS.TEST)"
+        )
+
+
+def check_keypoint_compat(cfg, model) -> KeypointSpec:
+    """The one check that cfg.DATASETS.TEST fits `model` (a PETR, possibly wrapped): every TEST
+    dataset names as many keypoints as the model predicts. Called by the trainer, --eval-only,
+    TTA and the demo (images and video) before any work. Returns the model's KeypointSpec."""
+    spec = _model_spec(model)
+    for name in cfg.DATASETS.TEST:
+        check_metadata_keypoints(MetadataCatalog.get(name), spec.num_keypoints)
+    return spec
 
 
 def _flip_indices(name, names, pairs) -> Tuple[int, ...]:

@@ -10,12 +10,22 @@ An image is kept when
 Kept images whose persons are all crowd, keypoint-less or invalid train as negatives: the dataset
 mapper's instance filter (spec 3.1, `PETRDatasetMapper._load_targets`) drops those annotations.
 Annotations of other categories are dropped here, as mmdet's instance filter drops them.
+
+Before the rule, each dataset goes through Detectron2's `get_detection_dataset_dicts` (unknown
+names, thing_classes consistency, the class histogram) and PETR's load-time checks
+(petr.data.annotation_checks: malformed annotations dropped, invalid boxes counted, images whose
+file size differs from the json dropped; the whole is refused above
+DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE).
 """
 
 import logging
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
+from detectron2.data.detection_utils import check_metadata_consistency
+
+from .annotation_checks import check_dataset, drop_size_mismatches, set_training_reports
+from .metadata import keypoint_spec
 
 __all__ = ["IMAGE_FILTERS", "filter_training_images", "petr_train_dataset_dicts"]
 
@@ -67,23 +77,36 @@ def filter_training_images(dataset_dicts, dataset_name, min_size=32):
 
 
 def petr_train_dataset_dicts(cfg):
-    """The dataset dicts of cfg.DATASETS.TRAIN after DATALOADER.PETR.IMAGE_FILTER ("official":
-    `filter_training_images`; "none": every image) and, when set, Detectron2's
-    DATALOADER.FILTER_EMPTY_ANNOTATIONS (drop images without a non-crowd annotation)."""
+    """The dataset dicts of cfg.DATASETS.TRAIN after the load-time checks (module docstring),
+    DATALOADER.PETR.IMAGE_FILTER ("official": `filter_training_images`; "none": every image)
+    and, when set, Detectron2's DATALOADER.FILTER_EMPTY_ANNOTATIONS (drop images without a
+    non-crowd annotation)."""
     rule = cfg.DATALOADER.PETR.IMAGE_FILTER
     if rule not in IMAGE_FILTERS:
         raise ValueError(f"DATALOADER.PETR.IMAGE_FILTER must be one of {IMAGE_FILTERS}: {rule!r}")
     names = [cfg.DATASETS.TRAIN] if isinstance(cfg.DATASETS.TRAIN, str) else cfg.DATASETS.TRAIN
     if not names:
         raise ValueError("DATASETS.TRAIN is empty")
-    dicts = []
+    num_k = keypoint_spec(names, default_num_keypoints=cfg.MODEL.PETR.NUM_KEYPOINTS).num_keypoints
+    try:
+        check_metadata_consistency("thing_classes", names)
+    except AttributeError:  # datasets without class names, as get_detection_dataset_dicts
+        pass
+    dicts, reports = [], []
     for name in names:
-        records = DatasetCatalog.get(name)
+        records = get_detection_dataset_dicts(name, filter_empty=False)
+        records, report = check_dataset(records, name, num_k, MetadataCatalog.get(name))
         if rule == "official":
             records = filter_training_images(records, name, cfg.DATALOADER.PETR.MIN_IMAGE_SIZE)
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
             records = filter_images_with_only_crowd_annotations(records)
+        if cfg.DATALOADER.PETR.CHECK_IMAGE_SIZES:
+            records = drop_size_mismatches(records, report)
+        report.log()
+        report.check_share(cfg.DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE)
+        reports.append(report)
         if not records:
             raise ValueError(f"Dataset {name!r} has no training image left after the filters")
         dicts += records
+    set_training_reports(reports)
     return dicts

@@ -264,11 +264,15 @@ class RandomChoice(T.Augmentation):
         return f"RandomChoice(policies={self.policies})"
 
 
-def build_petr_augmentation(cfg, is_train):
-    """The official augmentation list: photometric distortion, affine, flip, then the two
-    resize/crop policies (training), or the keep-ratio resize to MIN_SIZE_TEST (test)."""
+def build_petr_augmentation(cfg, is_train=True):
+    """The official training augmentation list: photometric distortion, affine, flip, then the
+    two resize/crop policies. Test images go through the front door instead
+    (`petr.data.preprocess.PETRPreprocessor`), the one resize every inference route shares."""
     if not is_train:
-        return [RescaleShortEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+        raise ValueError(
+            "build_petr_augmentation is for training; test images go through "
+            "petr.data.preprocess.PETRPreprocessor"
+        )
     p = cfg.INPUT.PETR
     augs = []
     if p.PHOTOMETRIC:

@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.engine.defaults import DefaultPredictor
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
@@ -14,8 +13,9 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from ..checkpoint.checkpointer import PETRCheckpointer
-from ..config import check_device
-from ..data.transforms import build_petr_augmentation
+from ..config import check_config
+from ..data.metadata import check_keypoint_compat, check_metadata_keypoints
+from ..data.preprocess import PETRPreprocessor
 from ..modeling.compile import compile_model
 from ..modeling.test_time_augmentation import PETRWithTTA
 
@@ -23,19 +23,20 @@ __all__ = ["PETRPredictor", "VisualizationDemo", "draw_poses"]
 
 
 class PETRPredictor(DefaultPredictor):
-    """`DefaultPredictor` (weights from MODEL.WEIGHTS, BGR input converted to INPUT.FORMAT, one
-    image in, one output dict out) with PETR's test resize: short side INPUT.MIN_SIZE_TEST, long
-    side <= INPUT.MAX_SIZE_TEST, mmcv rounding, cv2 bilinear. With TEST.AUG.ENABLED the model is
-    wrapped in `PETRWithTTA`, which resizes the original image to each of its own scales.
+    """`DefaultPredictor` (weights from MODEL.WEIGHTS, BGR input, one image in, one output dict
+    out) whose input goes through PETR's front door (`PETRPreprocessor`: channel order, the
+    test resize with mmcv rounding and cv2 bilinear). With TEST.AUG.ENABLED the model is wrapped
+    in `PETRWithTTA`, which takes the original image and resizes it to each of its own scales.
     With MODEL.PETR.COMPILE.ENABLED the model runs under torch.compile. Outputs are in
     original-image pixels."""
 
     def __init__(self, cfg, config_file=None):
-        # DefaultPredictor.__init__ with PETR's checks and checkpointer (official checkpoints,
-        # safe loading); `config_file` only names the config in loading errors.
-        check_device(cfg)
+        # DefaultPredictor.__init__ with PETR's checks, checkpointer (official checkpoints,
+        # safe loading) and front door; `config_file` only names the config in loading errors.
+        check_config(cfg)
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
+        check_keypoint_compat(cfg, self.model)
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         PETRCheckpointer.from_config(cfg, self.model, config_file=config_file).load(
@@ -43,35 +44,17 @@ class PETRPredictor(DefaultPredictor):
         )
         self.input_format = cfg.INPUT.FORMAT
         compile_model(self.model, cfg)  # MODEL.PETR.COMPILE
-        self.augmentations = T.AugmentationList(build_petr_augmentation(cfg, is_train=False))
+        self.preprocessor = PETRPreprocessor(cfg)
+        self.resize = True
         if cfg.TEST.AUG.ENABLED:
             self.model = PETRWithTTA(cfg, self.model).eval()
-            self.augmentations = T.AugmentationList([])
+            self.resize = False  # TTA resizes the original image itself
 
     def __call__(self, original_image: np.ndarray) -> dict:
         """original_image: (H, W, 3) uint8 BGR (cv2 order). Returns {"instances": Instances}."""
-        if original_image.ndim != 3 or original_image.shape[2] != 3:
-            raise ValueError(
-                f"PETRPredictor needs an (H, W, 3) BGR image, got {original_image.shape}"
-            )
-        image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
-        height, width = image.shape[:2]
-        aug_input = T.AugInput(np.ascontiguousarray(image))
-        self.augmentations(aug_input)
-        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        inputs = self.preprocessor(original_image, "BGR", min_size=None if self.resize else 0)
         with torch.no_grad():
-            return self.model([{"image": tensor, "height": height, "width": width}])[0]
-
-
-def check_keypoint_metadata(metadata, num_keypoints: int) -> None:
-    """Drawing names joints by `keypoint_names` (and connects them by
-    `keypoint_connection_rules`); a list of another length would mislabel every joint."""
-    names = metadata.get("keypoint_names")
-    if names and len(names) != num_keypoints:
-        raise ValueError(
-            f"Metadata {metadata.name!r} has {len(names)} keypoint_names but the model predicts "
-            f"{num_keypoints} keypoints: set DATASETS.TEST to a dataset with this model's joints"
-        )
+            return self.model([inputs])[0]
 
 
 def _confident(instances: Instances, threshold: float) -> Instances:
@@ -89,11 +72,27 @@ def draw_poses(
     `Visualizer`: joints, the skeleton of the metadata's `keypoint_connection_rules` (any K),
     keypoint-tight boxes and scores. instances: pred_keypoints (N, K, 3) pixels of this image."""
     if instances.has("pred_keypoints"):
-        check_keypoint_metadata(metadata, instances.pred_keypoints.shape[1])
+        check_metadata_keypoints(metadata, instances.pred_keypoints.shape[1])
     visualizer = Visualizer(image_rgb, metadata, instance_mode=instance_mode)
     return visualizer.draw_instance_predictions(
         _confident(instances.to("cpu"), confidence_threshold)
     )
+
+
+def _shrink_for_drawing(image, instances, scale):
+    """The image and the poses (pixels) scaled by `scale` < 1, for drawing only."""
+    h, w = (max(1, round(side * scale)) for side in image.shape[:2])
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    shrunk = Instances((h, w), **instances.get_fields())
+    if shrunk.has("pred_keypoints"):
+        kpts = shrunk.pred_keypoints.clone()
+        kpts[..., :2] *= scale
+        shrunk.pred_keypoints = kpts
+    if shrunk.has("pred_boxes"):
+        boxes = shrunk.pred_boxes.clone()
+        boxes.scale(scale, scale)
+        shrunk.pred_boxes = boxes
+    return image, shrunk
 
 
 class VisualizationDemo:
@@ -108,16 +107,19 @@ class VisualizationDemo:
         )
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
-        self.predictor = PETRPredictor(cfg, config_file)
-        model = self.predictor.model
-        num_keypoints = (model.model if isinstance(model, PETRWithTTA) else model).num_keypoints
-        check_keypoint_metadata(self.metadata, num_keypoints)
+        self.predictor = PETRPredictor(cfg, config_file)  # checks the TEST dataset's keypoints
 
-    def run_on_image(self, image: np.ndarray) -> Tuple[dict, VisImage]:
-        """image: (H, W, 3) uint8 BGR. Returns (predictions, the drawing as a VisImage (RGB))."""
+    def run_on_image(self, image: np.ndarray, max_side=None) -> Tuple[dict, VisImage]:
+        """image: (H, W, 3) uint8 BGR. Returns (predictions, the drawing as a VisImage (RGB)).
+        max_side: draw on the image shrunk to this long side when it is longer (drawing a
+        48 MP photo at full size takes several GB); None: full size."""
         predictions = self.predictor(image)
+        instances = predictions["instances"]
+        scale = min(1.0, max_side / max(image.shape[:2])) if max_side else 1.0
+        if scale < 1:
+            image, instances = _shrink_for_drawing(image, instances.to("cpu"), scale)
         vis = draw_poses(
-            image[:, :, ::-1], predictions["instances"], self.metadata,
+            image[:, :, ::-1], instances, self.metadata,
             self.confidence_threshold, self.instance_mode,
         )  # fmt: skip
         return predictions, vis

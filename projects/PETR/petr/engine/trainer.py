@@ -13,7 +13,7 @@ Differences from DefaultTrainer:
 - PETRCheckpointer (official opera checkpoints as MODEL.WEIGHTS, safe loading, partial-load
   check);
 - clear errors before any work: MODEL.DEVICE cuda without CUDA, a TEST dataset whose number of
-  keypoints differs from the model's;
+  keypoints differs from the model's (petr.data.metadata.check_keypoint_compat);
 - torch.compile when MODEL.PETR.COMPILE.ENABLED (build_model).
 """
 
@@ -23,40 +23,22 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import PETRCheckpointer
-from ..config import check_device
+from ..config import check_config
 from ..data.bad_images import BadImageMonitor, SkipUnreadableImages
 from ..data.dataset_mapper import PETRDatasetMapper
-from ..data.metadata import KeypointSpec
+from ..data.metadata import check_keypoint_compat
 from ..data.training_images import petr_train_dataset_dicts
 from ..evaluation import ReadImagesOnly, build_keypoint_evaluator
 from ..modeling.compile import compile_model
 from ..modeling.test_time_augmentation import PETRWithTTA
 from .solver import build_petr_optimizer
-
-
-def check_test_keypoints(cfg, model):
-    """Raise before inference when a TEST dataset's keypoints differ in number from the model's
-    (the evaluation would otherwise fail in COCOeval after the whole inference)."""
-    model_k = getattr(model, "module", model)
-    model_k = getattr(model_k, "model", model_k).num_keypoints  # DDP, PETRWithTTA
-    for name in cfg.DATASETS.TEST:
-        k = KeypointSpec.from_metadata(MetadataCatalog.get(name)).num_keypoints
-        if k != model_k:
-            raise ValueError(
-                f"TEST dataset {name!r} has {k} keypoints but the model predicts {model_k}: "
-                "evaluate on a dataset with the model's joints (DATASETS.TEST)"
-            )
 
 
 def ddp_kwargs(model: torch.nn.Module) -> dict:
@@ -69,12 +51,16 @@ def ddp_kwargs(model: torch.nn.Module) -> dict:
 
 class PETRTrainer(DefaultTrainer):
     def __init__(self, cfg):
+        # DefaultTrainer.__init__, except for three objects Detectron2 builds inline with no
+        # build_* hook: the DDP wrapper (create_ddp_model passes device_ids=[local_rank], which
+        # DDP rejects for a CPU model, so gloo training on CPU machines needs `ddp_kwargs`), the
+        # step runner (DefaultTrainer's AMPTrainer ignores SOLVER.AMP.PRECISION) and the
+        # checkpointer (PETRCheckpointer). Everything else comes from the build_* overrides.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
-        check_test_keypoints(cfg, model)  # now, not at the first evaluation hours later
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, **ddp_kwargs(model))
@@ -83,9 +69,7 @@ class PETRTrainer(DefaultTrainer):
         self.checkpointer = PETRCheckpointer.from_config(
             cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
+        self.start_iter, self.max_iter, self.cfg = 0, cfg.SOLVER.MAX_ITER, cfg
         self.register_hooks(self.build_hooks())
 
     @staticmethod
@@ -113,10 +97,13 @@ class PETRTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """DefaultTrainer's model, after the MODEL.DEVICE check, compiled in place when
+        """DefaultTrainer's model, after the MODEL.DEVICE check, checked against the TEST
+        datasets (now, not at the first evaluation hours later), compiled in place when
         MODEL.PETR.COMPILE.ENABLED (training and --eval-only both build the model here)."""
-        check_device(cfg)
-        return compile_model(super().build_model(cfg), cfg)
+        check_config(cfg)
+        model = super().build_model(cfg)
+        check_keypoint_compat(cfg, model)
+        return compile_model(model, cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -143,9 +130,8 @@ class PETRTrainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """DefaultTrainer.test, after checking every TEST dataset's number of keypoints against
-        the model's."""
-        check_test_keypoints(cfg, model)
+        """DefaultTrainer.test, after checking the TEST datasets against the model."""
+        check_keypoint_compat(cfg, model)
         return super().test(cfg, model, evaluators)
 
     @classmethod

@@ -1,11 +1,16 @@
 """Evaluation: Detectron2's COCOEvaluator with the dataset's OKS sigmas, or CrowdPose's E/M/H."""
 
+import contextlib
+import io
+
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
+from pycocotools.coco import COCO
 
 from ..data.metadata import KeypointSpec
 from .crowdpose_evaluation import CrowdPoseEvaluator
+from .preflight import preflight_ground_truth
 
 __all__ = ["CrowdPoseEvaluator", "ReadImagesOnly", "build_keypoint_evaluator"]
 
@@ -41,27 +46,52 @@ def build_keypoint_evaluator(cfg, dataset_name, output_folder=None):
 
     OKS sigmas: TEST.KEYPOINT_OKS_SIGMAS when set, else the metadata's `keypoint_oks_sigmas`,
     else the COCO/CrowdPose defaults for K = 17/14; any other K without sigmas is an error.
+
+    The ground truth is checked first (petr.evaluation.preflight, before any inference): no
+    annotations or another K is an error; malformed annotations are left out of what the
+    evaluator scores against (logged with their ids).
     """
     meta = MetadataCatalog.get(dataset_name)
-    sigmas = KeypointSpec.from_metadata(
+    spec = KeypointSpec.from_metadata(
         meta,
         default_num_keypoints=cfg.MODEL.PETR.NUM_KEYPOINTS,
         oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
         sigmas_key="TEST.KEYPOINT_OKS_SIGMAS",
-    ).oks_sigmas
-    evaluator_type = meta.get("evaluator_type", "coco")
-    if evaluator_type == "crowdpose":
-        return CrowdPoseEvaluator(dataset_name, output_folder, kpt_oks_sigmas=sigmas)
-    if evaluator_type == "coco":
-        # The official pycocotools COCOeval, as the official results (not Detectron2's fast one).
-        return COCOEvaluator(
-            dataset_name,
-            tasks=("keypoints",),
-            output_dir=output_folder,
-            use_fast_impl=False,
-            kpt_oks_sigmas=sigmas,
-        )
-    raise ValueError(
-        f"Dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; PETR evaluates "
-        "'coco' or 'crowdpose' keypoint datasets"
     )
+    evaluator_type = meta.get("evaluator_type", "coco")
+    if evaluator_type not in ("coco", "crowdpose"):
+        raise ValueError(
+            f"Dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; PETR evaluates "
+            "'coco' or 'crowdpose' keypoint datasets"
+        )
+    ground_truth = preflight_ground_truth(
+        dataset_name,
+        spec.num_keypoints,
+        cfg.DATALOADER.PETR.MAX_BAD_ANNOTATION_SHARE,
+        check_sizes=cfg.DATALOADER.PETR.CHECK_IMAGE_SIZES,
+    )
+    sigmas = spec.oks_sigmas
+    if evaluator_type == "crowdpose":
+        return CrowdPoseEvaluator(
+            dataset_name, output_folder, kpt_oks_sigmas=sigmas, ground_truth=ground_truth
+        )
+    # The official pycocotools COCOeval, as the official results (not Detectron2's fast one).
+    evaluator = COCOEvaluator(
+        dataset_name,
+        tasks=("keypoints",),
+        output_dir=output_folder,
+        use_fast_impl=False,
+        kpt_oks_sigmas=sigmas,
+    )
+    if ground_truth is not None:
+        # COCOEvaluator takes no ground truth but its dataset's json: give it the checked one
+        evaluator._coco_api = _coco_api(ground_truth)
+    return evaluator
+
+
+def _coco_api(ground_truth):
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = ground_truth
+        coco.createIndex()
+    return coco

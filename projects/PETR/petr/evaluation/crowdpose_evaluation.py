@@ -7,6 +7,7 @@ image, OKS area = 0.53 * box area, and the split by each image's "crowdIndex" (<
 """
 
 import contextlib
+import copy
 import io
 import itertools
 import json
@@ -31,9 +32,15 @@ __all__ = ["CrowdPoseEvaluator"]
 CROWDPOSE_METRICS = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP_easy", "AP_medium", "AP_hard")
 
 
-def _load_gt(json_file):
+def _load_gt(json_file, ground_truth=None):
+    """COCO api of `json_file`, or of the dict `ground_truth` (a fresh copy) when given."""
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(PathManager.get_local_path(json_file))
+        if ground_truth is None:
+            return COCO(PathManager.get_local_path(json_file))
+        coco = COCO()
+        coco.dataset = copy.deepcopy(ground_truth)
+        coco.createIndex()
+        return coco
 
 
 class CrowdPoseEvaluator(DatasetEvaluator):
@@ -42,9 +49,19 @@ class CrowdPoseEvaluator(DatasetEvaluator):
 
     The dataset's metadata must have `json_file`; every image of the json needs "crowdIndex" and
     every annotation "num_keypoints". Results are percentages, as Detectron2's COCOEvaluator.
+    `ground_truth`: a COCO-format dict to score against instead of the json (the json without
+    its malformed annotations, petr.evaluation.preflight).
     """
 
-    def __init__(self, dataset_name, output_dir=None, *, distributed=True, kpt_oks_sigmas=None):
+    def __init__(
+        self,
+        dataset_name,
+        output_dir=None,
+        *,
+        distributed=True,
+        kpt_oks_sigmas=None,
+        ground_truth=None,
+    ):
         self._logger = logging.getLogger(__name__)
         self._metadata = MetadataCatalog.get(dataset_name)
         self._json_file = self._metadata.get("json_file")
@@ -58,7 +75,8 @@ class CrowdPoseEvaluator(DatasetEvaluator):
         self._sigmas = np.asarray(sigmas, dtype=np.float64)
         self._output_dir = output_dir
         self._distributed = distributed
-        gt = _load_gt(self._json_file)
+        self._ground_truth = ground_truth
+        gt = _load_gt(self._json_file, ground_truth)
         missing = [img["id"] for img in gt.dataset.get("images", []) if "crowdIndex" not in img]
         if missing:
             raise ValueError(
@@ -124,7 +142,8 @@ class CrowdPoseEvaluator(DatasetEvaluator):
     def _run_cocoeval(self, results, img_ids=None):
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            gt = _load_gt(self._json_file)  # fresh: COCOeval mutates the ground truth it reads
+            # fresh: COCOeval mutates the ground truth it reads
+            gt = _load_gt(self._json_file, self._ground_truth)
             dt = gt.loadRes(results)
             coco_eval = COCOeval(gt, dt, "keypoints_crowd", self._sigmas, use_area=False)
             if img_ids is not None:

@@ -26,8 +26,8 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from detectron2.structures import ImageList
 
+from petr.data.preprocess import batch_images
 from petr.layers import deform_attn_backend
 
 __all__ = [
@@ -65,11 +65,11 @@ class PETRONNXWrapper(nn.Module):
         if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
             raise ValueError(f"Expected a (1, 3, H, W) image, got {tuple(image.shape)}")
         m = self.model
-        if not self.normalized_input:
-            image = (image - m.pixel_mean) / m.pixel_std
-        size = (int(image.shape[2]), int(image.shape[3]))
-        # A single unpadded image: ImageList.from_tensors would only copy it.
-        images = ImageList(image, [size])
+        # The front door's batching (normalisation, sizes, padding mask), as every route.
+        mean, std = m.pixel_mean, m.pixel_std
+        if self.normalized_input:
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
+        images = batch_images([image[0]], mean, std, m.size_divisibility)
         inst = m.postprocess(m.predict(images), [{}], images.image_sizes)[0]["instances"]
         return inst.scores, inst.pred_keypoints, inst.pred_boxes.tensor
 

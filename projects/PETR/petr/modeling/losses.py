@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import Tensor
 
+from .oks import keypoint_oks
+
 # mmdet `weight_reduce_loss` divides by (avg_factor + this eps).
 AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
 # opera OKSLoss clamps OKS at this value before the log.
@@ -52,27 +54,6 @@ def sigmoid_focal_loss_sum(logits: Tensor, targets: Tensor, alpha: float, gamma:
 def masked_l1_sum(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """Sum of |pred - target| * weight; all (N, 2K) normalised interleaved coordinates."""
     return ((pred - target).abs() * weight).sum()
-
-
-def keypoint_oks(
-    pred: Tensor, gt: Tensor, visible: Tensor, areas: Tensor, sigmas: Tensor
-) -> Tensor:
-    """COCO object keypoint similarity, in pixels, broadcast over leading dimensions.
-
-    Args:
-        pred, gt: (..., K, 2) keypoints in pixels (x, y).
-        visible: (..., K) bool or {0,1}; at least one visible joint per pose, else OKS is NaN.
-        areas: (...) ground-truth areas in pixels^2 (the scale s^2).
-        sigmas: (K,) per-keypoint sigmas (kappa = 2 sigma).
-
-    Returns:
-        (...) OKS = mean over visible joints of exp(-d^2 / (2 s^2 kappa^2)).
-    """
-    variances = (sigmas * 2) ** 2
-    sq_dist = (pred - gt).pow(2).sum(-1)  # (..., K)
-    sim = torch.exp(-sq_dist / (areas[..., None] * variances * 2))
-    visible = visible.bool()
-    return torch.where(visible, sim, 0.0).sum(-1) / visible.sum(-1)
 
 
 def oks_loss_sum(

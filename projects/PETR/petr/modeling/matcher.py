@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .losses import keypoint_oks
+from .oks import keypoint_oks
 from .structures import PoseTargets
 
 # mmdet FocalLossCost adds this inside its logs.

@@ -1,12 +1,13 @@
 """PETR as a Detectron2 meta-architecture.
 
-preprocess -> backbone -> neck -> deformable encoder -> point proposals -> pose decoder
--> criterion.match -> joint decoder -> criterion (training)
- | top-k -> joint decoder (`predict`, the one inference path) -> postprocess (inference).
+front door (petr.data.preprocess) -> backbone -> neck -> deformable encoder -> point proposals
+-> pose decoder -> criterion.match -> joint decoder -> criterion (training)
+ | top-k -> joint decoder (`predict`, the one inference path) -> back door (`postprocess`).
+Inference needs no training code: the model holds its own `KeypointSpec` and a model built
+without its criterion (`criterion=None`) predicts the same.
 Follows the official implementation (hikvision-research/opera, PETR / PETRHead / PETRTransformer).
 """
 
-import functools
 from typing import Dict, List
 
 import torch
@@ -14,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import ImageList
 
-from ..data.metadata import keypoint_spec
+from ..data.metadata import KeypointSpec, keypoint_spec
+from ..data.preprocess import PETRImages, batch_images
 from .backbone.channel_mapper import PETRChannelMapper
 from .criterion import PETRCriterion
 from .matcher import PETRHungarianMatcher
@@ -29,24 +30,7 @@ from .transformer.pose_decoder import PETRPoseDecoder
 from .transformer.position_encoding import PETRSinePositionEncoding
 from .transformer.proposals import PETRPointProposals
 
-__all__ = ["PETR", "padding_mask"]
-
-
-def padding_mask(batch: torch.Tensor, image_sizes) -> torch.Tensor:
-    """(B, H, W) bool, True on the padding of a (B, C, H, W) batch padded bottom/right.
-
-    image_sizes: B (h, w) pairs of ints, or a (B, 2) int64 tensor (compared in-graph, for an
-    exported model whose batch and sizes are inputs)."""
-    B, _, H, W = batch.shape
-    if isinstance(image_sizes, torch.Tensor):
-        sizes = image_sizes.to(batch.device)
-        rows = torch.arange(H, device=batch.device)[None, :, None] >= sizes[:, 0, None, None]
-        cols = torch.arange(W, device=batch.device)[None, None, :] >= sizes[:, 1, None, None]
-        return rows | cols
-    mask = torch.ones((B, H, W), dtype=torch.bool, device=batch.device)
-    for i, (h, w) in enumerate(image_sizes):
-        mask[i, :h, :w] = False
-    return mask
+__all__ = ["PETR"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -65,8 +49,8 @@ class PETR(nn.Module):
         pose_decoder: PETRPoseDecoder,
         joint_decoder: PETRJointDecoder,
         heatmap_head: PETRHeatmapHead,
-        criterion: PETRCriterion,
-        num_keypoints: int,
+        criterion: PETRCriterion | None,
+        keypoint_spec: KeypointSpec,
         detections_per_image: int,
         pixel_mean,
         pixel_std,
@@ -84,18 +68,22 @@ class PETR(nn.Module):
         self.pose_decoder = pose_decoder
         self.joint_decoder = joint_decoder
         self.heatmap_head = heatmap_head
-        self.criterion = criterion
-        self.num_keypoints = num_keypoints
+        self.criterion = criterion  # None: an inference-only model
+        self.keypoint_spec = keypoint_spec
         self.detections_per_image = detections_per_image
         self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.output_pixel_offset = output_pixel_offset
-        # Optional test-time OKS-NMS (off in the official model), with the criterion's sigmas.
+        # Optional test-time OKS-NMS (off in the official model), with the spec's sigmas.
         if not 0.0 <= oks_nms_thresh <= 1.0:
             raise ValueError(
                 f"MODEL.PETR.OKS_NMS_THRESH_TEST must be in [0, 1], got {oks_nms_thresh}"
             )
+        if oks_nms_thresh > 0 and keypoint_spec.oks_sigmas is None:
+            raise ValueError("MODEL.PETR.OKS_NMS_THRESH_TEST > 0 needs OKS sigmas in the spec")
         self.oks_nms_thresh = oks_nms_thresh
+        sigmas = torch.tensor(keypoint_spec.oks_sigmas or (), dtype=torch.float32)
+        self.register_buffer("oks_sigmas", sigmas, False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -166,7 +154,7 @@ class PETR(nn.Module):
                 focal_alpha=p.FOCAL_ALPHA,
                 focal_gamma=p.FOCAL_GAMMA,
             ),  # fmt: skip
-            "num_keypoints": K,
+            "keypoint_spec": spec,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -180,44 +168,34 @@ class PETR(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise each image, then zero-pad the batch bottom/right (the official collate).
+    @property
+    def num_keypoints(self) -> int:
+        return self.keypoint_spec.num_keypoints
 
-        Same result as ImageList.from_tensors(images, size_divisibility, 0.0), but sizes stay
-        Python ints (from_tensors turns them into tensors and reads them back, which breaks
-        torch.compile's graph)."""
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]  # fmt: skip
-        # No int() and no Python max() on sizes: under torch.compile(dynamic) they are symbolic,
-        # and int() would pin them (a graph per size), max() guard on their order.
-        sizes = [(im.shape[-2], im.shape[-1]) for im in images]
-        d = max(self.size_divisibility, 1)
-        H = -(-functools.reduce(torch.sym_max, [h for h, _ in sizes]) // d) * d
-        W = -(-functools.reduce(torch.sym_max, [w for _, w in sizes]) // d) * d
-        if len(images) == 1 and sizes[0] == (H, W):
-            return ImageList(images[0][None], sizes)
-        batch = images[0].new_zeros((len(images), images[0].shape[0], H, W))
-        for img, (h, w), dst in zip(images, sizes, batch):
-            dst[:, :h, :w] = img
-        return ImageList(batch, sizes)
+    def preprocess_image(self, batched_inputs: List[Dict]) -> PETRImages:
+        """The device half of the front door (`petr.data.preprocess.batch_images`): normalise,
+        zero-pad bottom/right (the official collate), sizes and padding mask."""
+        images = [x["image"] for x in batched_inputs]
+        return batch_images(images, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
-    def encode(self, images: ImageList):
-        """Backbone, neck and deformable encoder. Returns the EncoderMemory.
-
-        images.image_sizes: B (h, w) pairs of ints (symbolic ones under torch.compile(dynamic)),
-        or a (B, 2) int64 tensor (an exported graph's input); no size is read back as an int."""
-        mask = padding_mask(images.tensor, images.image_sizes)
+    def encode(self, images: PETRImages):
+        """Backbone, neck and deformable encoder. Returns the EncoderMemory."""
+        mask = images.padding_mask  # (B, H, W), True = padding
         features = self.neck(self.backbone(images.tensor))
         masks = [F.interpolate(mask[None].float(), size=f.shape[-2:])[0].bool() for f in features]
         pos = [self.position_encoding(m).to(f.dtype) for f, m in zip(features, masks)]
         return self.encoder(features, masks, pos)
 
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """batched_inputs: Detectron2 dicts with "image" (C, H, W) in INPUT.FORMAT and, for
         training, "instances" with gt_keypoints (pixels of that image), gt_areas and gt_boxes.
-        Training returns a dict of weighted losses; inference a list of {"instances": ...}."""
+        Training returns a dict of weighted losses; inference a list of {"instances": ...}, or
+        with do_postprocess=False (TTA) the `PETRPredictions` and the unpadded input sizes
+        they are normalised by."""
         if not self.training:
-            return self.inference(batched_inputs)
+            return self.inference(batched_inputs, do_postprocess)
+        if self.criterion is None:
+            raise RuntimeError("This PETR was built for inference only (criterion=None)")
         images = self.preprocess_image(batched_inputs)
         enc = self.encode(images)
         targets = self.prepare_targets(batched_inputs, images.image_sizes)
@@ -259,8 +237,8 @@ class PETR(nn.Module):
         outputs.hm_logits, outputs.hm_padding_mask = self.heatmap_head(enc)
         return self.criterion(outputs, targets, matches)
 
-    def predict(self, images: ImageList) -> PETRPredictions:
-        """The one inference path (forward, TTA through forward, ONNX export): encoder,
+    def predict(self, images: PETRImages) -> PETRPredictions:
+        """The one inference path (forward, TTA, ONNX export): encoder,
         proposals, pose decoder, the top min(detections_per_image, Q) poses by score, refined
         by the joint decoder. Keypoints stay normalised by each unpadded image size; see
         `postprocess` for pixels. No host sync, static shapes (torch.compile, ONNX)."""
@@ -275,8 +253,11 @@ class PETR(nn.Module):
         return PETRPredictions(scores, refined.view(B, k, self.num_keypoints, 2))
 
     def postprocess(self, predictions: PETRPredictions, batched_inputs, image_sizes):
-        """[{"instances": Instances}] in pixels of each original image (the input dict's
-        "height"/"width", else the network input's size), OKS-NMS'ed when enabled."""
+        """The back door: `PETRPredictions` (keypoints normalised by `image_sizes`, the unpadded
+        network input size (h, w) of each image) -> [{"instances": Instances}] in pixels of each
+        original image (the input dict's "height"/"width", else image_sizes), OKS-NMS'ed when
+        MODEL.PETR.OKS_NMS_THRESH_TEST > 0. Forward and TTA (after merging its views) both end
+        here."""
         results = []
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
@@ -285,12 +266,17 @@ class PETR(nn.Module):
                 self.output_pixel_offset,
             )  # fmt: skip
             if self.oks_nms_thresh > 0:
-                sigmas = self.criterion.oks_sigmas
-                inst = inst[oks_nms(inst.pred_keypoints, inst.scores, sigmas, self.oks_nms_thresh)]
+                keep = oks_nms(
+                    inst.pred_keypoints, inst.scores, self.oks_sigmas, self.oks_nms_thresh
+                )
+                inst = inst[keep]
             results.append({"instances": inst})
         return results
 
-    def inference(self, batched_inputs: List[Dict]):
-        """Top poses by score, refined by the joint decoder, in original-image pixels."""
+    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
+        """Front door -> predict -> back door (see `forward`)."""
         images = self.preprocess_image(batched_inputs)
-        return self.postprocess(self.predict(images), batched_inputs, images.image_sizes)
+        predictions = self.predict(images)
+        if not do_postprocess:
+            return predictions, images.image_sizes
+        return self.postprocess(predictions, batched_inputs, images.image_sizes)

@@ -6,7 +6,7 @@ from typing import Tuple
 import torch
 from detectron2.structures import Boxes, Instances
 
-from .losses import keypoint_oks
+from .oks import pose_oks
 
 
 def poses_to_instances(
@@ -49,18 +49,6 @@ def pose_instances(
     result.scores = scores
     result.pred_classes = torch.zeros_like(scores, dtype=torch.int64)
     return result
-
-
-def pose_oks(
-    anchors: torch.Tensor, poses: torch.Tensor, sigmas: torch.Tensor, areas: torch.Tensor
-) -> torch.Tensor:
-    """COCO OKS between anchors (A, K, >=2) and poses (P, K, >=2), pixels, every joint counted.
-    sigmas (K,); areas (A,) the scale s^2 of each anchor. Returns (A, P) in [0, 1]."""
-    every_joint = torch.ones(anchors.shape[1], dtype=torch.bool, device=anchors.device)
-    eps = torch.finfo(anchors.dtype).eps  # pycocotools' np.spacing(1): zero area -> OKS 0 or 1
-    return keypoint_oks(
-        anchors[:, None, :, :2], poses[None, :, :, :2], every_joint, areas[:, None] + eps, sigmas
-    )
 
 
 def oks_nms(keypoints: torch.Tensor, scores: torch.Tensor, sigmas: torch.Tensor, threshold: float):

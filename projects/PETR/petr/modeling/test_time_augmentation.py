@@ -1,10 +1,13 @@
 """Test-time augmentation for PETR: flip and multi-scale views, merged in one of two ways.
 
-"soft_nms" follows the official flip test (hikvision-research/opera, `PETR.aug_test` and mmdet
-`merge_aug_results` + `multiclass_nms` with mmcv linear `soft_nms`): every view's poses are mapped
-back to the original image, concatenated, and linear soft-NMS on the keypoint-tight boxes keeps
-the top ones. "oks_average" is NMS-free: each view's poses are matched by OKS (Hungarian) to the
-poses of the reference view and matched poses are averaged.
+Each view goes through the front door (`PETRPreprocessor`) and the model's `predict`, without
+postprocessing; the views are merged, and the merged poses go through the model's one back door
+(`PETR.postprocess`: pixels, OUTPUT_PIXEL_OFFSET, optional OKS-NMS), as Detectron2's own TTA
+postprocesses once. "soft_nms" follows the official flip test (hikvision-research/opera,
+`PETR.aug_test` and mmdet `merge_aug_results` + `multiclass_nms` with mmcv linear `soft_nms`):
+every view's poses are mapped back to the original image, concatenated, and linear soft-NMS on
+the keypoint-tight boxes keeps the top ones. "oks_average" is NMS-free: each view's poses are
+matched by OKS (Hungarian) to the poses of the reference view and matched poses are averaged.
 All coordinates here are pixels (x, y) of the original image unless a docstring says otherwise.
 """
 
@@ -15,14 +18,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 from detectron2.config import configurable
-from detectron2.data.detection_utils import read_image
-from detectron2.structures import Instances
 from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.metadata import keypoint_spec
-from ..data.transforms import CV2ResizeTransform, rescale_size
-from .postprocess import keypoint_boxes, pose_instances, pose_oks
+from ..data.image_io import read_image
+from ..data.metadata import check_keypoint_compat
+from ..data.preprocess import PETRPreprocessor
+from .oks import pose_oks
+from .postprocess import keypoint_boxes
+from .structures import PETRPredictions
 
 __all__ = [
     "PETRWithTTA",
@@ -134,13 +138,14 @@ def merge_by_oks(
 class PETRWithTTA(nn.Module):
     """A PETR model with test-time augmentation; call it like `PETR.forward` in eval mode.
 
-    Views: for each short side in `min_sizes` (long side <= max_size, mmcv rounding, cv2
-    bilinear) the resized image and, with `flip`, its mirror. Each view is one normal PETR
-    inference (batch 1); the resize is shared by a scale's two views. Poses come back in
-    original-image pixels, flipped ones are un-flipped (x' = W - x in the network's frame, i.e.
-    before OUTPUT_PIXEL_OFFSET; joint ids swapped), then the views are merged ("soft_nms" or
-    "oks_average", see the module docstring). The reference view
-    of "oks_average" is the unflipped view at min_sizes[0].
+    Views: for each short side in `min_sizes` (long side <= max_size) the front door's resize of
+    the original image and, with `flip`, its mirror. Each view is one network pass (batch 1,
+    `model(inputs, do_postprocess=False)`, so a compiled model stays compiled) giving normalised
+    poses; flipped ones are un-flipped in that frame (x' = 1 - x, joint ids swapped: the official
+    x' = W - x in the network's pixels, before OUTPUT_PIXEL_OFFSET). The views are merged in
+    original-image pixels ("soft_nms" or "oks_average", see the module docstring; the reference
+    view of "oks_average" is the unflipped view at min_sizes[0]) and the merged poses go through
+    `model.postprocess` once.
 
     Inputs: Detectron2 dicts with "image" (C, H, W) in the model's input format, or only
     "file_name", plus optional "height"/"width" (the original size). Views are resized from the
@@ -157,13 +162,12 @@ class PETRWithTTA(nn.Module):
         max_size: int,
         flip: bool,
         merge: str = "soft_nms",
-        flip_indices: Sequence[int] | None = None,
-        oks_sigmas: Sequence[float] | None = None,
         detections_per_image: int = 100,
         soft_nms_iou_threshold: float = 0.5,
         soft_nms_min_score: float = 1e-3,
         match_oks_threshold: float = 0.5,
     ):
+        """model: a PETR (flip indices and OKS sigmas come from its `keypoint_spec`)."""
         super().__init__()
         if isinstance(model, DistributedDataParallel):
             model = model.module
@@ -171,19 +175,27 @@ class PETRWithTTA(nn.Module):
             raise ValueError(f"TEST.AUG.MERGE must be one of {MERGES}, got {merge!r}")
         if not min_sizes:
             raise ValueError("TEST.AUG.MIN_SIZES is empty")
-        if flip and flip_indices is None:
-            raise ValueError("flip test needs flip_indices (keypoint_flip_map in the metadata)")
-        if merge == "oks_average" and oks_sigmas is None:
-            raise ValueError("TEST.AUG.MERGE 'oks_average' needs OKS sigmas")
+        spec = model.keypoint_spec
+        if flip and spec.flip_indices is None:
+            raise ValueError(
+                "TEST.AUG.FLIP needs the flip indices of the model's keypoints "
+                "(keypoint_flip_map in the dataset metadata); turn TEST.AUG.FLIP off otherwise"
+            )
+        if merge == "oks_average" and spec.oks_sigmas is None:
+            raise ValueError(
+                "TEST.AUG.MERGE 'oks_average' needs OKS sigmas (MODEL.PETR.OKS_SIGMAS)"
+            )
         self.model = model
         self.min_sizes = [int(s) for s in min_sizes]
         self.max_size = int(max_size)
         self.flip = bool(flip)
         self.merge = merge
-        self.flip_indices = list(flip_indices) if flip_indices is not None else None
+        self.flip_indices = list(spec.flip_indices) if flip else None
         # a plain CPU tensor, not a buffer: the merges run on the CPU wherever the model is
-        sigmas = oks_sigmas if oks_sigmas is not None else []
-        self.oks_sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+        self.oks_sigmas = torch.as_tensor(spec.oks_sigmas or (), dtype=torch.float32).cpu()
+        self.preprocessor = PETRPreprocessor(
+            min_size=self.min_sizes[0], max_size=self.max_size, input_format=model.input_format
+        )
         self.detections_per_image = detections_per_image
         self.soft_nms_iou_threshold = soft_nms_iou_threshold
         self.soft_nms_min_score = soft_nms_min_score
@@ -192,27 +204,13 @@ class PETRWithTTA(nn.Module):
     @classmethod
     def from_config(cls, cfg, model):
         a = cfg.TEST.AUG
-        K = (model.module if isinstance(model, DistributedDataParallel) else model).num_keypoints
-        spec = keypoint_spec(
-            cfg.DATASETS.TEST,
-            default_num_keypoints=K,
-            oks_sigmas=cfg.MODEL.PETR.OKS_SIGMAS,
-            sigmas_key="MODEL.PETR.OKS_SIGMAS" if a.MERGE == "oks_average" else None,
-            flip_key="TEST.AUG.FLIP" if a.FLIP else None,
-        )
-        if spec.num_keypoints != K:
-            raise ValueError(
-                f"DATASETS.TEST {tuple(cfg.DATASETS.TEST)}: {spec.num_keypoints} "
-                f"keypoint_names, the model has {K} keypoints"
-            )
+        check_keypoint_compat(cfg, model)
         return {
             "model": model,
             "min_sizes": list(a.MIN_SIZES),
             "max_size": a.MAX_SIZE,
             "flip": a.FLIP,
             "merge": a.MERGE,
-            "flip_indices": spec.flip_indices if a.FLIP else None,
-            "oks_sigmas": spec.oks_sigmas if a.MERGE == "oks_average" else None,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "soft_nms_iou_threshold": a.SOFT_NMS_IOU_THRESH,
             "soft_nms_min_score": a.SOFT_NMS_MIN_SCORE,
@@ -223,7 +221,7 @@ class PETRWithTTA(nn.Module):
         if self.training:
             raise RuntimeError("PETRWithTTA is for inference only: call .eval() first")
         with torch.no_grad():
-            return [{"instances": self._inference_one(x)} for x in batched_inputs]
+            return [self._inference_one(x) for x in batched_inputs]
 
     def _original_image(self, x: Dict) -> Tuple[np.ndarray, int, int]:
         """The (h, w, C) image views are resized from and the output size (H, W)."""
@@ -242,37 +240,28 @@ class PETRWithTTA(nn.Module):
                 raise ValueError(f"{file_name}: image is {image.shape[:2]}, dict says {(H, W)}")
         return image, H, W
 
-    def _views(self, image: np.ndarray, H: int, W: int):
-        """Yields (model inputs, flipped) for every view, the reference first. image (h, w, C)."""
-        h, w = image.shape[:2]
-        for size in self.min_sizes:
-            new_h, new_w = rescale_size(h, w, size, self.max_size)
-            resized = CV2ResizeTransform(h, w, new_h, new_w).apply_image(image)
-            for flipped in (False, True) if self.flip else (False,):
-                view = resized[:, ::-1] if flipped else resized
-                tensor = torch.as_tensor(np.ascontiguousarray(view.transpose(2, 0, 1)))
-                yield {"image": tensor, "height": H, "width": W}, flipped
-
     def view_poses(self, x: Dict) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int, int]:
-        """Per view, the reference first: (keypoints (N, K, 2) in original-image pixels of `x`,
-        flipped views mapped back; scores (N,)), and the output size (H, W)."""
+        """Per view, the reference first: (keypoints (N, K, 2) normalised (x, y) of the original
+        image, clamped to [0, 1], flipped views un-flipped; scores (N,)), and the original size
+        (H, W)."""
         image, H, W = self._original_image(x)
-        # The model adds MODEL.PETR.OUTPUT_PIXEL_OFFSET to its poses; the official un-flip
-        # (x' = W - x) is in the network's pixel frame, so remove the offset, un-flip, add it.
-        offset = getattr(self.model, "output_pixel_offset", 0.0)
         poses = []
-        for inputs, flipped in self._views(image, H, W):
-            inst = self.model([inputs])[0]["instances"]
-            kpts = inst.pred_keypoints[..., :2]
-            if flipped:
-                kpts = hflip_poses(kpts - offset, W, self.flip_indices) + offset
-            poses.append((kpts, inst.scores))
+        for size in self.min_sizes:
+            for flipped in (False, True) if self.flip else (False,):
+                view = self.preprocessor(image, min_size=size, flip=flipped)
+                predictions, _ = self.model([view], do_postprocess=False)
+                kpts = predictions.keypoints[0].clamp(0.0, 1.0)  # as postprocess clamps
+                if flipped:
+                    kpts = hflip_poses(kpts, 1.0, self.flip_indices)
+                poses.append((kpts, predictions.scores[0]))
         return poses, H, W
 
-    def _inference_one(self, x: Dict) -> Instances:
+    def _inference_one(self, x: Dict) -> Dict:
         poses, H, W = self.view_poses(x)
         device = poses[0][0].device  # the result goes back where the model put its outputs
-        poses = [(k.cpu(), s.cpu()) for k, s in poses]  # sequential merges: the CPU is faster
+        # The merges run in original-image pixels (OKS and IoU), on the CPU (sequential).
+        scale = torch.tensor([float(W), float(H)])
+        poses = [(k.cpu() * scale, s.cpu()) for k, s in poses]
         if self.merge == "soft_nms":
             kpts, scores = torch.cat([p[0] for p in poses]), torch.cat([p[1] for p in poses])
             valid = scores > 0  # mmdet multiclass_nms(score_thr=0.0)
@@ -285,4 +274,5 @@ class PETRWithTTA(nn.Module):
         else:
             kpts, scores = merge_by_oks(poses, self.oks_sigmas, self.match_oks_threshold)
         kpts, scores = kpts[: self.detections_per_image], scores[: self.detections_per_image]
-        return pose_instances(kpts, scores, (H, W)).to(device)
+        merged = PETRPredictions(scores[None].to(device), (kpts / scale)[None].to(device))
+        return self.model.postprocess(merged, [{"height": H, "width": W}], [(H, W)])[0]
