@@ -4,6 +4,8 @@
     python tools/benchmark.py --config-file configs/petr_R50.yaml                  # inference
     python tools/benchmark.py --config-file configs/petr_R50.yaml --train --batch-size 2
     python tools/benchmark.py --config-file configs/petr_R50.yaml --compile --compare keypoint_rcnn
+    python tools/benchmark.py --config-file configs/petr_R50.yaml --precisions fp32 \
+        --compile-shapes static dynamic --height 512 --width 768     # both compiled variants
     python tools/benchmark.py --config-file configs/petr_R50.yaml --devices cuda \
         --precisions fp32 bf16 --compile                                     # GPU check
 
@@ -11,8 +13,9 @@ Each (device, precision) pair is measured in a fresh subprocess (petr.benchmark.
 synthetic inputs of --height x --width pixels (training: random people), after --warmup untimed
 iterations, over --iters timed ones. Weights are random unless MODEL.WEIGHTS is set (speed does
 not depend on them, except through which proposals are selected). With --compile the compiled
-model (torch.compile) and with --compare keypoint_rcnn Detectron2's Keypoint R-CNN R50-FPN are
-timed in the same process, alternating with the eager model, so the ratios see the same load.
+model (torch.compile; --compile-shapes static and/or dynamic) and with --compare keypoint_rcnn
+Detectron2's Keypoint R-CNN R50-FPN are timed in the same process, alternating with the eager
+model, so the ratios see the same load.
 Prints a markdown table, and with --stages the eager time of each stage.
 """
 
@@ -31,8 +34,10 @@ batch. Peak memory: on CUDA torch.cuda.max_memory_allocated (weights included); 
 increase of the process's peak RSS (ru_maxrss) over its value once the model was built, i.e.
 the activations, gradients and optimiser state of the measured iterations.
 Precisions are autocast over an fp32 model; fp16 only on CUDA.
-compiled: torch.compile(model, mode=--compile-mode) on the same weights; "compile s" is its first
-call (compilation included, per input size); "x eager" = eager ms / compiled ms. Keypoint R-CNN:
+compiled static / dynamic: torch.compile(model, mode=--compile-mode, dynamic=False / True) on the
+same weights (--compile-shapes); "compile s" is its first call (compilation included: static
+compiles again for every input size, dynamic once for all sizes); "x eager" = eager ms /
+compiled ms. Keypoint R-CNN:
 model-zoo COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml, random weights, score threshold 0 so
 that its keypoint head runs on --kpt-boxes person boxes per image; "PETR / KRCNN" = PETR ms /
 Keypoint R-CNN ms (<= 1: PETR is as fast or faster). Stages: mean eager ms inside each part's
@@ -83,6 +88,15 @@ def build_parser():
         default="inductor",
         choices=["inductor", "aot_eager", "eager"],
         help="torch.compile backend (aot_eager/eager: check tracing without code generation)",
+    )
+    parser.add_argument(
+        "--compile-shapes",
+        nargs="+",
+        default=None,
+        choices=["static", "dynamic"],
+        help="compiled variants to time, each in its own columns: torch.compile dynamic=False "
+        "(a graph per input size) and/or dynamic=True (one graph for every size) "
+        "(default: MODEL.PETR.COMPILE.DYNAMIC's)",
     )
     parser.add_argument(
         "--stages", action="store_true", help="also print the eager time of each model stage"
@@ -140,6 +154,7 @@ def measure(args, device, precision) -> dict:
         compile=args.compile,
         compile_mode=args.compile_mode,
         compile_backend=args.compile_backend,
+        compile_shapes=args.compile_shapes,
         compare=args.compare,
         kpt_boxes=args.kpt_boxes,
         stages=args.stages,
@@ -183,12 +198,13 @@ def format_table(args, rows) -> str:
         "| mode | device | precision | batch | size | ms/iter (min) | it/s | ms/img | img/s "
         "| peak mem MiB | deform attn |"
     )
-    if args.compile:
-        header += " compiled ms/iter (min) | compile s | x eager |"
+    shapes = args.compile_shapes or []
+    for shape in shapes:
+        header += f" compiled {shape} ms/iter (min) | compile s | x eager |"
     if args.compare:
         header += " Keypoint R-CNN ms/iter (min) | boxes | PETR / KRCNN |"
-        if args.compile:
-            header += " compiled / KRCNN |"
+        if shapes:
+            header += f" compiled {shapes[0]} / KRCNN |"
     width = header.count("|") - 1
     lines = [header, "|" + "---|" * width]
     size = f"{args.height}x{args.width}"
@@ -201,16 +217,16 @@ def format_table(args, rows) -> str:
             f"{head} {_ms(r)} | {r['iters_per_s']:.3f} | {r['ms_per_iter'] / args.batch_size:.1f} "
             f"| {r['images_per_s']:.3f} | {r['peak_mem_mib']:.0f} | {r['deform_attn']} |"
         )
-        if args.compile:
-            c = r["compiled"]
+        for shape in shapes:
+            c = r["compiled"][shape]
             line += (
                 f" {_ms(c)} | {c['compile_s']:.1f} | {r['ms_per_iter'] / c['ms_per_iter']:.2f} |"
             )
         if args.compare:
             k = r["keypoint_rcnn"]
             line += f" {_ms(k)} | {k['boxes']:.0f} | {r['ms_per_iter'] / k['ms_per_iter']:.2f} |"
-            if args.compile:
-                line += f" {r['compiled']['ms_per_iter'] / k['ms_per_iter']:.2f} |"
+            if shapes:
+                line += f" {r['compiled'][shapes[0]]['ms_per_iter'] / k['ms_per_iter']:.2f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -245,9 +261,11 @@ def main(argv=None) -> int:
     from petr import get_petr_cfg
 
     # MODEL.PETR.COMPILE.ENABLED in the config (or --opts) asks for the compiled column too
-    args.compile = (
-        args.compile or get_petr_cfg(args.config_file, args.opts).MODEL.PETR.COMPILE.ENABLED
-    )
+    compile_cfg = get_petr_cfg(args.config_file, args.opts).MODEL.PETR.COMPILE
+    args.compile = args.compile or compile_cfg.ENABLED or bool(args.compile_shapes)
+    if args.compile:
+        shapes = args.compile_shapes or ["dynamic" if compile_cfg.DYNAMIC else "static"]
+        args.compile_shapes = list(dict.fromkeys(shapes))
     pairs, notes = plan(args)
     if not pairs:
         parser.error("nothing to measure: " + "; ".join(notes))

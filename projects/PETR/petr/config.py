@@ -181,10 +181,12 @@ def _add_model_config(cfg):
     p.ALLOW_PARTIAL_WEIGHTS = False
     # torch.compile of the whole model (training, --eval-only, the demo predictor, the benchmark);
     # MODE is torch.compile's: "default", "reduce-overhead", "max-autotune",
-    # "max-autotune-no-cudagraphs". The first iterations per input size pay the compilation.
+    # "max-autotune-no-cudagraphs". DYNAMIC: symbolic image sizes, so one graph serves every
+    # input size (per batch size); False compiles a graph per input size (fixed-size inputs).
     p.COMPILE = CN()
     p.COMPILE.ENABLED = False
     p.COMPILE.MODE = "default"
+    p.COMPILE.DYNAMIC = True
 
 
 def _add_swin_config(cfg):

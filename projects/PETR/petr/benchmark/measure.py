@@ -5,12 +5,15 @@ that the process's peak RSS (ru_maxrss) belongs to that measurement alone; print
 Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("fp32" | "fp16"
 | "bf16", autocast), height, width, batch_size, warmup, iters; optional compile (bool),
 compile_mode (torch.compile mode, default MODEL.PETR.COMPILE.MODE), compile_backend
-(default "inductor"), compare ("keypoint_rcnn")
+(default "inductor"), compile_shapes (a list of "static" | "dynamic": torch.compile's
+dynamic=False / True, one compiled model each; default MODEL.PETR.COMPILE.DYNAMIC's),
+compare ("keypoint_rcnn")
 kpt_boxes (person boxes per image for Keypoint R-CNN's keypoint head, default 20) and stages
 (bool: also time each stage of the eager model).
 """
 
 import contextlib
+import functools
 import json
 import resource
 import sys
@@ -124,16 +127,27 @@ def _steps(spec: Dict, cfg, model):
     return batch, step
 
 
+def compile_shapes(spec: Dict, cfg) -> List[str]:
+    """The compiled variants to time: spec "compile_shapes", else MODEL.PETR.COMPILE.DYNAMIC's."""
+    shapes = spec.get("compile_shapes") or [
+        "dynamic" if cfg.MODEL.PETR.COMPILE.DYNAMIC else "static"
+    ]
+    bad = [s for s in shapes if s not in ("static", "dynamic")]
+    if bad:
+        raise ValueError(f"compile_shapes must be 'static' or 'dynamic', got {bad}")
+    return list(dict.fromkeys(shapes))
+
+
 def run_measurement(spec: Dict) -> Dict:
     """Times `warmup` untimed and `iters` timed iterations of the eager model and, alternating
     with it in this process, of the compiled model (spec "compile") and of Keypoint R-CNN
     (spec "compare" == "keypoint_rcnn", inference). Returns for the eager model ms_per_iter
     (mean), ms_per_iter_min, images_per_s, iters_per_s, peak_mem_mib (CUDA:
     max_memory_allocated; CPU: peak RSS increase over the built model), the deformable-attention
-    backend and, with spec "stages", "stages" (mean ms per stage); "compiled" and
-    "keypoint_rcnn" hold ms_per_iter and ms_per_iter_min of the others (plus compile_s, the
-    first compiled call, and boxes, the mean person boxes per image its keypoint head ran
-    on)."""
+    backend and, with spec "stages", "stages" (mean ms per stage); "compiled" maps "static" /
+    "dynamic" to the ms_per_iter, ms_per_iter_min and compile_s (the first call) of that
+    compiled model; "keypoint_rcnn" holds ms_per_iter, ms_per_iter_min and boxes (the mean
+    person boxes per image its keypoint head ran on)."""
     device, precision, train = spec["device"], spec["precision"], spec["mode"] == "train"
     if precision not in ("fp32", *AUTOCAST_DTYPES):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -155,8 +169,9 @@ def run_measurement(spec: Dict) -> Dict:
             if backend == "inductor"
             else None
         )
-        compiled = torch.compile(model, backend=backend, mode=mode, dynamic=False)
-        runners["compiled"] = lambda: step(compiled)
+        for shapes in compile_shapes(spec, cfg):
+            compiled = torch.compile(model, backend=backend, mode=mode, dynamic=shapes == "dynamic")
+            runners[f"compiled {shapes}"] = functools.partial(step, compiled)
     if compare:
         krcnn = KeypointRCNNRunner(device, spec.get("kpt_boxes", 20))
         krcnn_batch = keypoint_rcnn_batch(batch)
@@ -202,8 +217,12 @@ def run_measurement(spec: Dict) -> Dict:
     }
     if timer is not None:
         result["stages"] = timer.mean_ms()
-    if "compiled" in runners:
-        result["compiled"] = {**_stats(times["compiled"]), "compile_s": first_call["compiled"]}
+    compiled = [name for name in runners if name.startswith("compiled ")]
+    if compiled:
+        result["compiled"] = {
+            name.split()[1]: {**_stats(times[name]), "compile_s": first_call[name]}
+            for name in compiled
+        }
     if compare:
         result["keypoint_rcnn"] = {
             **_stats(times["keypoint_rcnn"]),

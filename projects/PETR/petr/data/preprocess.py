@@ -11,17 +11,19 @@ It has two halves because Detectron2 splits them between the data loader and the
   `PETR.preprocess_image` (every PyTorch route) and by the ONNX export wrapper.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor
 
 from .transforms import CV2ResizeTransform, rescale_size
 
-__all__ = ["PETRImages", "PETRPreprocessor", "batch_images", "test_resize"]
+__all__ = ["PETRImages", "PETRPreprocessor", "batch_images", "padding_mask", "test_resize"]
 
 CHANNEL_ORDERS = ("BGR", "RGB")
 
@@ -131,16 +133,32 @@ def batch_images(
         raise ValueError("batch_images needs at least one image")
     device = pixel_mean.device if device is None else device
     normed = [(im.to(device).float() - pixel_mean) / pixel_std for im in images]
-    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in normed]
+    # No int(), no Python max() and no slice assignment on sizes: under torch.compile(dynamic)
+    # they are symbolic, and int() would pin them (a graph per size), max() and `dst[:h] = img`
+    # guard on which image is larger (a graph per order).
+    sizes = [(im.shape[-2], im.shape[-1]) for im in normed]
     d = max(int(size_divisibility), 1)
-    H = -(-max(h for h, _ in sizes) // d) * d
-    W = -(-max(w for _, w in sizes) // d) * d
-    mask = torch.ones((len(normed), H, W), dtype=torch.bool, device=device)
+    H = -(-functools.reduce(torch.sym_max, [h for h, _ in sizes]) // d) * d
+    W = -(-functools.reduce(torch.sym_max, [w for _, w in sizes]) // d) * d
     if len(normed) == 1 and sizes[0] == (H, W):
-        mask[0] = False
-        return PETRImages(normed[0][None], sizes, mask)
-    batch = normed[0].new_zeros((len(normed), normed[0].shape[0], H, W))
-    for i, (img, (h, w)) in enumerate(zip(normed, sizes)):
-        batch[i, :, :h, :w] = img
+        batch = normed[0][None]
+    else:
+        batch = torch.stack([F.pad(im, (0, W - w, 0, H - h)) for im, (h, w) in zip(normed, sizes)])
+    return PETRImages(batch, sizes, padding_mask(batch, sizes))
+
+
+def padding_mask(batch: Tensor, image_sizes) -> Tensor:
+    """(B, H, W) bool, True on the padding of a (B, C, H, W) batch padded bottom/right.
+
+    image_sizes: B (h, w) pairs of ints (or symbolic ints), or a (B, 2) int64 tensor (an
+    exported graph's input, whose batch and sizes are dynamic)."""
+    B, _, H, W = batch.shape
+    if isinstance(image_sizes, Tensor):
+        sizes = image_sizes.to(batch.device)
+        rows = torch.arange(H, device=batch.device)[None, :, None] >= sizes[:, 0, None, None]
+        cols = torch.arange(W, device=batch.device)[None, None, :] >= sizes[:, 1, None, None]
+        return rows | cols
+    mask = torch.ones((B, H, W), dtype=torch.bool, device=batch.device)
+    for i, (h, w) in enumerate(image_sizes):
         mask[i, :h, :w] = False
-    return PETRImages(batch, sizes, mask)
+    return mask

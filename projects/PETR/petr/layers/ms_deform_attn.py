@@ -7,6 +7,7 @@ Shapes (the de-facto standard of Deformable DETR):
     value               (N, S, M, D)         S = sum_l H_l * W_l
     spatial_shapes      (L, 2) int64 tensor, or L (H_l, W_l) pairs of Python ints
     level_start_index   (L,)   int64 tensor, or L Python ints: exclusive cumsum of H_l * W_l
+    (the ints may be symbolic, torch.SymInt, under torch.compile(dynamic) and torch.export)
     sampling_locations  (N, Q, M, L, P, 2)    normalised (x, y); [0, 1] spans the level
     attention_weights   (N, Q, M, L, P)
     returns             (N, Q, M * D)
@@ -185,8 +186,10 @@ def _index_tensors(sizes: List[int], device):
 
 
 if HAS_CUSTOM_OP:
-    # The level sizes travel as ints: they are graph constants for torch.compile, and the
-    # kernels' index tensors are built on the host, so no device value is ever read back.
+    # The level sizes travel as ints (schema SymInt[]): symbolic sizes under
+    # torch.compile(dynamic) and torch.export, with no guard on their values (the fake
+    # implementation reads none). The kernels' index tensors are built on the host from the
+    # concrete sizes of each call, so no device value is ever read back.
 
     @torch.library.custom_op("petr::ms_deform_attn", mutates_args=())
     def _msda_op(

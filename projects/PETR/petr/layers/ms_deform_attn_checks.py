@@ -22,7 +22,8 @@ def _check_level_index(name, t, device):
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """A Python int or a symbolic one (a size under torch.compile(dynamic) / torch.export)."""
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
 
 
 def _level_sizes(spatial_shapes, level_start_index, device):
@@ -75,7 +76,7 @@ def _level_sizes(spatial_shapes, level_start_index, device):
     if isinstance(spatial_shapes, torch.Tensor):
         sizes, flat = [(flat[2 * i], flat[2 * i + 1]) for i in range(L)], flat[2 * L :]
     else:
-        sizes = [(int(h), int(w)) for h, w in spatial_shapes]
+        sizes = [(h, w) for h, w in spatial_shapes]  # no int(): it would pin a symbolic size
     starts = flat if isinstance(level_start_index, torch.Tensor) else list(level_start_index)
     return sizes, starts
 
@@ -86,7 +87,8 @@ def check_ms_deform_attn_inputs(
     """Validate the op's inputs (shapes in the module docstring) for every backend.
 
     Raises TypeError (wrong type or dtype) or ValueError (shape, device, layout or level sizes),
-    naming the argument at fault. Returns the level sizes as a list of (H, W) ints. Index
+    naming the argument at fault. Returns the level sizes as a list of (H, W) ints (symbolic
+    ones stay symbolic: the checks below hold for every size, so they add no guard). Index
     tensors are read on the host (one device-to-host copy for CUDA inputs); Python ints are not.
     """
     args = {

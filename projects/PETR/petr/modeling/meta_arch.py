@@ -249,7 +249,7 @@ class PETR(nn.Module):
         k = min(self.detections_per_image, Q)
         scores, idx = logits[-1][..., 0].sigmoid().topk(k, dim=1)  # (B, k), sorted
         top = torch.gather(kpts[-1], 1, idx[..., None].expand(-1, -1, kpts.shape[-1]))
-        refined = self.joint_decoder(enc, top.flatten(0, 1), [k] * B)[-1]  # (B*k, K, 2)
+        refined = self.joint_decoder(enc, top.flatten(0, 1))[-1]  # (B*k, K, 2), k per image
         return PETRPredictions(scores, refined.view(B, k, self.num_keypoints, 2))
 
     def postprocess(self, predictions: PETRPredictions, batched_inputs, image_sizes):

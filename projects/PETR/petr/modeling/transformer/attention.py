@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from petr.layers import ms_deform_attn
 
+from .common import level_sizes_wh
+
 
 def _deform_attn_fp32(value, spatial_shapes, level_start_index, locations, weights):
     """The op in float32 whatever autocast did to its inputs: under autocast the projections give
@@ -115,7 +117,9 @@ class _DeformAttnBase(nn.Module):
 
         query, query_pos (N, K, C): N instances of K queries each, ordered by image;
         reference_points (N, K, L, 2) normalised; value (B, S, M, C / M) already projected by
-        `project_value`; counts: list of B ints, the instances of each image (sum N).
+        `project_value`; counts: list of B ints, the instances of each image (sum N), or None
+        when every image has N / B instances (inference: one op call for the whole batch, and
+        no list whose length is the batch size, so the batch may be symbolic).
         Equivalent to running forward() with value repeated per instance, as the official joint
         decoder does, without materialising an (N, S, C) copy of the memory.
         """
@@ -123,20 +127,33 @@ class _DeformAttnBase(nn.Module):
         locations, weights = self._locations_and_weights(
             query, query_pos, reference_points, spatial_shapes
         )
-        outs = []
-        for b, (locs, w) in enumerate(zip(locations.split(counts), weights.split(counts))):
-            if locs.shape[0] == 0:
-                continue
-            # (n_b, K, M, L, P, 2) -> (1, n_b * K, M, L, P, 2): instances become queries
+        if counts is None:
+            B = value.shape[0]
+            # (N, K, M, L, P, 2) -> (B, N / B * K, M, L, P, 2): each image's instances become
+            # its queries; queries are independent, so this equals the per-image calls
             out = _deform_attn_fp32(
-                value[b : b + 1],
+                value,
                 spatial_shapes,
                 level_start_index,
-                locs.flatten(0, 1)[None],
-                w.flatten(0, 1)[None],
+                locations.reshape(B, -1, *locations.shape[2:]),
+                weights.reshape(B, -1, *weights.shape[2:]),
             )
-            outs.append(out.view(-1, K, C))
-        out = torch.cat(outs, 0) if outs else query.new_zeros(0, K, C)
+            out = out.view(N, K, C)
+        else:
+            outs = []
+            for b, (locs, w) in enumerate(zip(locations.split(counts), weights.split(counts))):
+                if locs.shape[0] == 0:
+                    continue
+                # (n_b, K, M, L, P, 2) -> (1, n_b * K, M, L, P, 2): instances become queries
+                out = _deform_attn_fp32(
+                    value[b : b + 1],
+                    spatial_shapes,
+                    level_start_index,
+                    locs.flatten(0, 1)[None],
+                    w.flatten(0, 1)[None],
+                )
+                outs.append(out.view(-1, K, C))
+            out = torch.cat(outs, 0) if outs else query.new_zeros(0, K, C)
         return query + self.dropout(self.output_proj(out))
 
 
@@ -161,9 +178,9 @@ class PETRMSDeformAttn(_DeformAttnBase):
 
     def sampling_locations(self, offsets, reference_points, spatial_shapes):
         """reference_points (B, Q, L, 2) normalised (x, y) -> locations (B, Q, M, L, P, 2);
-        spatial_shapes: L (H_l, W_l) int pairs."""
+        spatial_shapes: L (H_l, W_l) int (or symbolic int) pairs."""
         # offsets are in pixels of each level: divide by (W_l, H_l)
-        normalizer = offsets.new_tensor([[w, h] for h, w in spatial_shapes])
+        normalizer = level_sizes_wh(spatial_shapes, offsets)
         # ref + offsets / normalizer, in place in the fresh offsets (no temporaries)
         return offsets.div_(normalizer[None, None, None, :, None]).add_(
             reference_points[:, :, None, :, None, :]

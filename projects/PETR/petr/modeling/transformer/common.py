@@ -1,5 +1,6 @@
 """Small pieces shared by PETR's transformer parts."""
 
+import functools
 from typing import List
 
 import torch
@@ -10,6 +11,18 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (mmdet's definition)."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def level_sizes_wh(spatial_shapes, like: torch.Tensor) -> torch.Tensor:
+    """(L, 2) tensor of (W_l, H_l) per level, with `like`'s dtype and device.
+
+    spatial_shapes: L (H_l, W_l) pairs. Python ints go in as one host-to-device copy; symbolic
+    ints (torch.compile(dynamic), torch.export) through torch.full, since torch.tensor of a
+    symbolic int would pin it to its current value."""
+    if all(isinstance(s, int) for hw in spatial_shapes for s in hw):
+        return like.new_tensor([[w, h] for h, w in spatial_shapes])
+    full = functools.partial(torch.full, (), dtype=like.dtype, device=like.device)
+    return torch.stack([torch.stack([full(w), full(h)]) for h, w in spatial_shapes])
 
 
 def mlp(dims: List[int]) -> nn.Sequential:

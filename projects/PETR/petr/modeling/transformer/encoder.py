@@ -16,9 +16,11 @@ class EncoderMemory:
     """The flattened multi-level features every later stage reads.
 
     memory (B, S, C) encoder output; padding_mask (B, S) True on padding; pos (B, S, C) position
-    + level embedding; spatial_shapes L (H_l, W_l) pairs and level_start_index L ints, plain
-    Python ints so that no stage reads a level size back from a tensor (no host sync, static
-    shapes for torch.compile); valid_ratios (B, L, 2) as (valid W / W_l, valid H / H_l);
+    + level embedding; spatial_shapes L (H_l, W_l) pairs and level_start_index L ints, taken
+    from the feature maps' shapes and never read back from a tensor (no host sync): Python ints
+    in eager mode, symbolic sizes derived from the input's H and W under torch.compile(dynamic)
+    and torch.export, so one graph serves every input size; valid_ratios (B, L, 2) as
+    (valid W / W_l, valid H / H_l);
     reference_points (B, S, L, 2) normalised (x, y) token centres, already multiplied by the
     valid ratios.
     """
@@ -48,17 +50,19 @@ class PETREncoderLayer(PostNormLayer):
         return self.norm2(self.ffn(self.norm1(x)))
 
 
+def pixel_centres(n, device) -> torch.Tensor:
+    """(n,) float32 0.5, 1.5, ..., n - 0.5: the official linspace(0.5, n - 0.5, n), bit for bit
+    (its step is exactly 1), written with arange so that a symbolic n stays symbolic."""
+    return torch.arange(n, dtype=torch.float32, device=device) + 0.5
+
+
 def encoder_reference_points(spatial_shapes, valid_ratios):
     """Token centres of every level, normalised by the valid size: (B, S, L, 2) (x, y).
-    spatial_shapes: L (H_l, W_l) int pairs."""
+    spatial_shapes: L (H_l, W_l) int (or symbolic int) pairs."""
     refs = []
     for lvl, (h, w) in enumerate(spatial_shapes):
         dev = valid_ratios.device
-        ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=dev),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=dev),
-            indexing="ij",
-        )
+        ref_y, ref_x = torch.meshgrid(pixel_centres(h, dev), pixel_centres(w, dev), indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((ref_x, ref_y), -1))
@@ -105,7 +109,7 @@ class PETRTransformerEncoder(nn.Module):
         (B, C, H_l, W_l). Returns the encoded, flattened memory."""
         src, mask_flat, pos_flat, shapes = [], [], [], []
         for lvl, (f, m, p) in enumerate(zip(features, masks, pos)):
-            shapes.append((int(f.shape[-2]), int(f.shape[-1])))
+            shapes.append((f.shape[-2], f.shape[-1]))  # no int(): it would pin a symbolic size
             src.append(f.flatten(2).transpose(1, 2))  # (B, H*W, C)
             mask_flat.append(m.flatten(1))
             pos_flat.append(p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))

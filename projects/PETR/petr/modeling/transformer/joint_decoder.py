@@ -40,18 +40,25 @@ class PETRJointDecoder(nn.Module):
             layer.cross_attn._reset_parameters()
         nn.init.normal_(self.query_embed.weight)
 
-    def forward(self, enc: EncoderMemory, kpts: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        """kpts (N, 2K) normalised interleaved poses, ordered by image; counts: poses per image.
+    def forward(
+        self, enc: EncoderMemory, kpts: torch.Tensor, counts: List[int] | None = None
+    ) -> torch.Tensor:
+        """kpts (N, 2K) normalised interleaved poses, ordered by image; counts: poses per image,
+        or None when every image has N / B poses (inference; the batch size may be symbolic).
 
         Returns the refined keypoints of every layer, (Lj, N, K, 2) normalised (x, y)."""
         N = kpts.shape[0]
+        B, L = enc.valid_ratios.shape[:2]
         pos, x = self.query_embed.weight.split(self.query_embed.weight.shape[1] // 2, dim=1)
         pos = pos[None].expand(N, -1, -1)
         x = x[None].expand(N, -1, -1)
         # each pose gets its image's ratios: (N, 1, L, 2), from the host-side counts (no sync)
-        ratios = torch.cat(
-            [enc.valid_ratios[b : b + 1].expand(n, -1, -1) for b, n in enumerate(counts)]
-        )[:, None]
+        if counts is None:
+            ratios = enc.valid_ratios[:, None].expand(B, N // B, L, 2).reshape(N, 1, L, 2)
+        else:
+            ratios = torch.cat(
+                [enc.valid_ratios[b : b + 1].expand(n, -1, -1) for b, n in enumerate(counts)]
+            )[:, None]
         ref = kpts.detach().view(N, -1, 2)
         outputs = []
         for layer, kpt_head in zip(self.layers, self.kpt_heads):

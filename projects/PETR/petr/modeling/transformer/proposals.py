@@ -17,7 +17,7 @@ from .encoder import EncoderMemory
 def token_centre_logits(padding_mask, spatial_shapes):
     """Logit of every token's centre, normalised by its level's valid size: (B, S, 2) (x, y),
     and (B, S) True where the token is usable (not padding, centre inside (0.01, 0.99)).
-    spatial_shapes: L (H_l, W_l) int pairs."""
+    spatial_shapes: L (H_l, W_l) int (or symbolic int) pairs."""
     B = padding_mask.shape[0]
     centres, start = [], 0
     for h, w in spatial_shapes:
@@ -25,9 +25,10 @@ def token_centre_logits(padding_mask, spatial_shapes):
         valid_h = (~m[:, :, 0]).sum(1)
         valid_w = (~m[:, 0, :]).sum(1)
         dev = padding_mask.device
+        # arange == the official linspace(0, n - 1, n) bit for bit, and keeps n symbolic
         gy, gx = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=dev),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=dev),
+            torch.arange(h, dtype=torch.float32, device=dev),
+            torch.arange(w, dtype=torch.float32, device=dev),
             indexing="ij",
         )
         grid = torch.stack([gx, gy], -1)  # (h, w, 2)
