@@ -21,6 +21,7 @@ import cv2
 import tqdm
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import _KEYPOINT_THRESHOLD
 
 from petr import get_petr_cfg
 from petr.demo import VisualizationDemo
@@ -51,6 +52,13 @@ def get_parser():
     )
     parser.add_argument(
         "--confidence-threshold", type=float, default=0.3, help="draw poses scoring at least this"
+    )
+    parser.add_argument(
+        "--keypoint-threshold",
+        type=float,
+        default=_KEYPOINT_THRESHOLD,
+        help="draw joints whose confidence (pred_keypoints[..., 2]) exceeds this "
+        f"(default: Detectron2's Visualizer, {_KEYPOINT_THRESHOLD})",
     )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
@@ -196,7 +204,10 @@ def main(argv=None) -> int:
         return 1
     cfg = setup_cfg(args)
     demo = VisualizationDemo(
-        cfg, confidence_threshold=args.confidence_threshold, config_file=args.config_file
+        cfg,
+        confidence_threshold=args.confidence_threshold,
+        config_file=args.config_file,
+        keypoint_threshold=args.keypoint_threshold,
     )
     try:
         if args.input:
