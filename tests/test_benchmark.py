@@ -134,6 +134,17 @@ def test_compiled_and_keypoint_rcnn_columns_and_stages(tiny_config):
     assert sum(cells) == pytest.approx(eager_ms, abs=0.5)  # stages + rest = the forward
 
 
+def test_joint_scores_column_times_the_same_model_without_them(tiny_config):
+    rc, out = _run(tiny_config, "--precisions", "fp32", "--compare", "joint_scores")
+    assert rc == 0, out
+    assert "JOINT_SCORES none ms/iter (min) | x none |" in out
+    (row,) = _rows(out)
+    _check_row(row[:11], "inference", "fp32", 1)
+    none, ratio = row[11:]
+    eager_ms, none_ms = float(row[5].split()[0]), float(none.split()[0])
+    assert none_ms > 0 and float(ratio) == pytest.approx(eager_ms / none_ms, rel=0.01, abs=2e-3)
+
+
 def test_compare_refuses_training(tiny_config, capsys):
     with pytest.raises(SystemExit):
         _load_tool().main(["--config-file", tiny_config, "--train", "--compare", "keypoint_rcnn"])

@@ -12,6 +12,7 @@ from detectron2.structures import Boxes, Instances
 from petr_testing import captured_log, demo_cfg, load_tool
 
 from petr.demo import VisualizationDemo, draw_poses
+from petr.demo.predictor import _joints_over
 from petr.modeling.test_time_augmentation import PETRWithTTA
 
 K14 = "petr_test_demo_k14"
@@ -134,6 +135,28 @@ def test_skeleton_of_any_k_follows_the_metadata_rules():
     assert not below.any()  # under the confidence threshold: nothing drawn
     with pytest.raises(ValueError, match="keypoints_coco_2017_val.*17 keypoint_names"):
         draw_poses(black, _pose14(0.9), MetadataCatalog.get("keypoints_coco_2017_val"))
+
+
+def test_keypoint_threshold_hides_joints_of_low_confidence():
+    black = np.zeros((120, 160, 3), np.uint8)
+    meta = MetadataCatalog.get(K14)
+    pose = _pose14(0.9)
+    pose.pred_keypoints[0, K14_NAMES.index("head"), 2] = 0.4  # a doubtful head
+    drawn = draw_poses(black, pose, meta, 0.3).get_image()  # Detectron2's default 0.05
+    assert tuple(drawn[35, 80]) == GREEN
+    strict = draw_poses(black, pose, meta, 0.3, keypoint_threshold=0.5).get_image()
+    assert tuple(strict[35, 80]) == (0, 0, 0)  # the head is hidden, so is its bone
+    assert tuple(strict[80, 40]) == ORANGE  # confident joints stay
+    # the video drawer keeps Detectron2's fixed threshold: the joint scores are binarised
+    over = _joints_over(pose, 0.5).pred_keypoints[0, :, 2]
+    assert over.tolist() == [0.0 if n == "head" else 1.0 for n in K14_NAMES]
+    assert pose.pred_keypoints[0, K14_NAMES.index("head"), 2] == pytest.approx(0.4)  # a copy
+    parser = demo_script.get_parser()
+    assert parser.parse_args(["--config-file", "x"]).keypoint_threshold == 0.05
+    assert (
+        parser.parse_args(["--config-file", "x", "--keypoint-threshold", "0.3"]).keypoint_threshold
+        == 0.3
+    )
 
 
 def test_visualization_demo_with_a_14_joint_model_and_flip_test():

@@ -99,7 +99,11 @@ def test_pose_instances_boxes_are_tight_over_every_joint():
     inst = pose_instances(kpts, torch.tensor([0.8]), (20, 30))
     assert inst.image_size == (20, 30)
     assert inst.pred_boxes.tensor.tolist() == [[3.0, 2.0, 10.0, 9.0]]
-    assert inst.pred_keypoints[..., 2].tolist() == [[1.0, 1.0, 1.0]]
+    assert inst.pred_keypoints[..., 2].tolist() == [[1.0, 1.0, 1.0]]  # no joint scores
+    conf = torch.tensor([[0.25, 0.5, 0.75]])
+    assert pose_instances(kpts, torch.tensor([0.8]), (20, 30), conf).pred_keypoints[
+        ..., 2
+    ].tolist() == [[0.25, 0.5, 0.75]]
     assert inst.pred_classes.tolist() == [0] and inst.scores.tolist() == [pytest.approx(0.8)]
     empty = pose_instances(torch.zeros(0, 3, 2), torch.zeros(0), (20, 30))
     assert empty.pred_boxes.tensor.shape == (0, 4) and empty.pred_keypoints.shape == (0, 3, 3)

@@ -133,6 +133,25 @@ def test_oks_merge_keeps_poses_below_the_oks_threshold_apart():
     assert len(merged) == 2 and scores.tolist() == pytest.approx([0.9, 0.8])
 
 
+def test_oks_merge_averages_joint_scores_as_the_coordinates():
+    kpts = _people(2)
+    conf_a, conf_b = torch.rand(2, 17, 1), torch.rand(2, 17, 1)
+    views = [
+        (torch.cat([kpts, conf_a], -1), torch.tensor([0.8, 0.6])),
+        (torch.cat([kpts[[1, 0]], conf_b[[1, 0]]], -1), torch.tensor([0.2, 0.4])),
+    ]
+    merged, scores = merge_by_oks(views, SIGMAS, 0.5)
+    assert merged.shape == (2, 17, 3) and scores.tolist() == pytest.approx([0.6, 0.4])
+    # score-weighted: person 0 from 0.8 and 0.4, person 1 from 0.6 and 0.2
+    torch.testing.assert_close(
+        merged[0, :, 2], (0.8 * conf_a[0, :, 0] + 0.4 * conf_b[0, :, 0]) / 1.2
+    )
+    torch.testing.assert_close(
+        merged[1, :, 2], (0.6 * conf_a[1, :, 0] + 0.2 * conf_b[1, :, 0]) / 0.8
+    )
+    torch.testing.assert_close(merged[..., :2], kpts[:2])
+
+
 class _FixedPoses(nn.Module):
     """A stand-in for PETR that records its inputs and predicts fixed poses, given in pixels of
     the original image (height, width) whatever the image shows; it ends in PETR's back door."""
@@ -141,9 +160,10 @@ class _FixedPoses(nn.Module):
     output_pixel_offset, oks_nms_thresh = 0.0, 0.0
     postprocess = PETR.postprocess
 
-    def __init__(self, poses, scores, spec=None):
+    def __init__(self, poses, scores, spec=None, joint_scores=None):
         super().__init__()
         self.poses, self.scores, self.inputs = poses, scores, []
+        self.joint_scores = joint_scores  # (N, K) or None (MODEL.PETR.JOINT_SCORES none)
         self.keypoint_spec = spec or KeypointSpec(17, tuple(COCO_FLIP), tuple(COCO_OKS_SIGMAS))
 
     def forward(self, batched_inputs, do_postprocess=True):
@@ -151,7 +171,8 @@ class _FixedPoses(nn.Module):
         self.inputs.append(x)
         size = tuple(x["image"].shape[-2:])
         scale = torch.tensor([float(x["width"]), float(x["height"])])
-        predictions = PETRPredictions(self.scores[None], (self.poses / scale)[None])
+        joint_scores = None if self.joint_scores is None else self.joint_scores[None]
+        predictions = PETRPredictions(self.scores[None], (self.poses / scale)[None], joint_scores)
         if not do_postprocess:
             return predictions, [size]
         return self.postprocess(predictions, batched_inputs, [size])
@@ -184,7 +205,13 @@ def test_flip_view_is_the_mirrored_resize_and_maps_back_with_swapped_joints():
     assert out.scores.tolist() == pytest.approx([0.9, 0.9])
     got = sorted(out.pred_keypoints[..., :2].tolist(), key=lambda p: p[0][0])
     assert torch.allclose(torch.tensor(got), torch.cat([pose, expected]))
-    assert torch.equal(out.pred_keypoints[..., 2], torch.ones(2, 17))
+    assert torch.equal(out.pred_keypoints[..., 2], torch.ones(2, 17))  # no joint scores: 1
+    # with joint scores, the mirrored pose carries them under its swapped joint ids
+    conf = torch.linspace(0.1, 0.9, 17)
+    model = _FixedPoses(pose, torch.tensor([0.9]), joint_scores=conf[None])
+    out = _tta(model)([{"image": image, "height": H, "width": W}])[0]["instances"]
+    by_x = out.pred_keypoints[out.pred_keypoints[:, 0, 0].argsort()]
+    torch.testing.assert_close(by_x[:, :, 2], torch.stack([conf, conf[COCO_FLIP]]))
 
 
 def test_multi_scale_views_resize_the_original_file(tmp_path):
@@ -240,6 +267,8 @@ def test_petr_with_tta_end_to_end(tiny_petr, merge):
     assert (inst.scores[:-1] >= inst.scores[1:]).all()
     xy = inst.pred_keypoints[..., :2]
     assert (xy >= 0).all() and (xy[..., 0] <= 140).all() and (xy[..., 1] <= 100).all()
+    conf = inst.pred_keypoints[..., 2]  # MODEL.PETR.JOINT_SCORES heatmap, merged
+    assert ((conf > 0) & (conf < 1)).all()
 
 
 def test_symmetric_image_flip_views_agree(tiny_petr):
@@ -250,10 +279,11 @@ def test_symmetric_image_flip_views_agree(tiny_petr):
     cfg.TEST.AUG.MIN_SIZES, cfg.TEST.DETECTIONS_PER_IMAGE = (64,), 100
     half = torch.randint(0, 256, (3, 64, 40), dtype=torch.uint8)
     image = torch.cat([half, half.flip(-1)], -1)  # (3, 64, 80), symmetric
-    raw = model([{"image": image}])[0]["instances"].pred_keypoints[..., :2]
+    raw = model([{"image": image}])[0]["instances"].pred_keypoints  # (N, K, 3) with scores
     out = PETRWithTTA(cfg, model).eval()([{"image": image}])[0]["instances"]
-    candidates = torch.cat([raw, hflip_poses(raw, 80, COCO_FLIP)])  # (2N, K, 2)
-    kpts = out.pred_keypoints[..., :2]
+    # each kept pose keeps its joint scores, swapped with the joint ids in the flip view
+    candidates = torch.cat([raw, hflip_poses(raw, 80, COCO_FLIP)])  # (2N, K, 3)
+    kpts = out.pred_keypoints
     dist = (kpts[:, None] - candidates[None]).abs().amax((-1, -2))  # (M, 2N)
     assert (dist.amin(1) < 1e-3).all()
 

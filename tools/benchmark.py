@@ -6,6 +6,7 @@
     python tools/benchmark.py --config-file configs/petr_R50.yaml --compile --compare keypoint_rcnn
     python tools/benchmark.py --config-file configs/petr_R50.yaml --precisions fp32 \
         --compile-shapes static dynamic --height 512 --width 768     # both compiled variants
+    python tools/benchmark.py --config-file configs/petr_R50.yaml --compare joint_scores
     python tools/benchmark.py --config-file configs/petr_R50.yaml --devices cuda \
         --precisions fp32 bf16 --compile                                     # GPU check
 
@@ -43,6 +44,8 @@ that its keypoint head runs on --kpt-boxes person boxes per image; "PETR / KRCNN
 Keypoint R-CNN ms (<= 1: PETR is as fast or faster). Stages: mean eager ms inside each part's
 forward (hooks; CUDA synchronises at each boundary); "rest" is preprocessing, heads outside the
 parts, postprocessing (training: also the heatmap branch, matching, losses and the update).
+--compare joint_scores: the same model and weights with MODEL.PETR.JOINT_SCORES none, alternating;
+"x none" = ms with the configured joint scores / ms without (the heatmap branch's cost).
 Peak memory covers every model timed in the process.
 """
 
@@ -103,9 +106,10 @@ def build_parser():
     )
     parser.add_argument(
         "--compare",
-        choices=["keypoint_rcnn"],
+        choices=["keypoint_rcnn", "joint_scores"],
         default=None,
-        help="also time Detectron2's Keypoint R-CNN R50-FPN (random weights), inference only",
+        help="also time Detectron2's Keypoint R-CNN R50-FPN (random weights), or the same model "
+        "with MODEL.PETR.JOINT_SCORES none (joint_scores); inference only",
     )
     parser.add_argument(
         "--kpt-boxes",
@@ -201,7 +205,9 @@ def format_table(args, rows) -> str:
     shapes = args.compile_shapes or []
     for shape in shapes:
         header += f" compiled {shape} ms/iter (min) | compile s | x eager |"
-    if args.compare:
+    if args.compare == "joint_scores":
+        header += " JOINT_SCORES none ms/iter (min) | x none |"
+    elif args.compare:
         header += " Keypoint R-CNN ms/iter (min) | boxes | PETR / KRCNN |"
         if shapes:
             header += f" compiled {shapes[0]} / KRCNN |"
@@ -222,7 +228,10 @@ def format_table(args, rows) -> str:
             line += (
                 f" {_ms(c)} | {c['compile_s']:.1f} | {r['ms_per_iter'] / c['ms_per_iter']:.2f} |"
             )
-        if args.compare:
+        if args.compare == "joint_scores":
+            n = r["joint_scores_none"]
+            line += f" {_ms(n)} | {r['ms_per_iter'] / n['ms_per_iter']:.3f} |"
+        elif args.compare:
             k = r["keypoint_rcnn"]
             line += f" {_ms(k)} | {k['boxes']:.0f} | {r['ms_per_iter'] / k['ms_per_iter']:.2f} |"
             if shapes:
@@ -253,7 +262,7 @@ def main(argv=None) -> int:
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("need --iters >= 1, --warmup >= 0 and --batch-size >= 1")
     if args.compare and args.train:
-        parser.error("--compare keypoint_rcnn times inference only; drop --train")
+        parser.error(f"--compare {args.compare} times inference only; drop --train")
     if args.kpt_boxes < 1:
         parser.error(f"--kpt-boxes must be >= 1, got {args.kpt_boxes}")
     if args.height < 32 or args.width < 32:

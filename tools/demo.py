@@ -23,6 +23,7 @@ import time
 import cv2
 import tqdm
 from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import _KEYPOINT_THRESHOLD
 
 from petr import get_petr_cfg
 from petr.data.image_io import read_image
@@ -62,6 +63,13 @@ def get_parser():
     )  # fmt: skip
     parser.add_argument(
         "--full-size", action="store_true", help="save image drawings at the input's size"
+    )
+    parser.add_argument(
+        "--keypoint-threshold",
+        type=float,
+        default=_KEYPOINT_THRESHOLD,
+        help="draw joints whose confidence (pred_keypoints[..., 2]) exceeds this "
+        f"(default: Detectron2's Visualizer, {_KEYPOINT_THRESHOLD})",
     )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
@@ -230,7 +238,10 @@ def main(argv=None) -> int:
         return 1
     cfg = setup_cfg(args)
     demo = VisualizationDemo(
-        cfg, confidence_threshold=args.confidence_threshold, config_file=args.config_file
+        cfg,
+        confidence_threshold=args.confidence_threshold,
+        config_file=args.config_file,
+        keypoint_threshold=args.keypoint_threshold,
     )
     try:
         if args.input:

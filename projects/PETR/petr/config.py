@@ -176,6 +176,9 @@ def _add_model_config(cfg):
     # Greedy OKS-NMS over the final poses when > 0 (OKS threshold). The official model has none;
     # it helps a briefly trained model, whose duplicate poses outrank other people (the toy).
     p.OKS_NMS_THRESH_TEST = 0.0
+    # Per-joint confidence, pred_keypoints[..., 2]: "heatmap" samples the auxiliary heatmap
+    # branch (trained on labelled joints) at each predicted joint; "none" writes 1 everywhere.
+    p.JOINT_SCORES = "heatmap"
     # MODEL.WEIGHTS that fill less than half of the model's parameter elements are an error
     # (a checkpoint of another architecture); True loads them with a warning.
     p.ALLOW_PARTIAL_WEIGHTS = False

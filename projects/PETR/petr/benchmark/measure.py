@@ -141,7 +141,9 @@ def compile_shapes(spec: Dict, cfg) -> List[str]:
 def run_measurement(spec: Dict) -> Dict:
     """Times `warmup` untimed and `iters` timed iterations of the eager model and, alternating
     with it in this process, of the compiled model (spec "compile") and of Keypoint R-CNN
-    (spec "compare" == "keypoint_rcnn", inference). Returns for the eager model ms_per_iter
+    (spec "compare" == "keypoint_rcnn", inference) or of the same model with
+    MODEL.PETR.JOINT_SCORES none (spec "compare" == "joint_scores", inference; its result
+    "joint_scores_none" also holds the eager model's mode). Returns for the eager model ms_per_iter
     (mean), ms_per_iter_min, images_per_s, iters_per_s, peak_mem_mib (CUDA:
     max_memory_allocated; CPU: peak RSS increase over the built model), the deformable-attention
     backend and, with spec "stages", "stages" (mean ms per stage); "compiled" maps "static" /
@@ -154,10 +156,12 @@ def run_measurement(spec: Dict) -> Dict:
     if precision == "fp16" and not device.startswith("cuda"):
         raise ValueError("fp16 autocast is only benchmarked on CUDA; use bf16 on CPU")
     compare = spec.get("compare")
-    if compare not in (None, "keypoint_rcnn"):
-        raise ValueError(f"compare must be None or 'keypoint_rcnn', got {compare!r}")
+    if compare not in (None, "keypoint_rcnn", "joint_scores"):
+        raise ValueError(
+            f"compare must be None, 'keypoint_rcnn' or 'joint_scores', got {compare!r}"
+        )
     if compare and train:
-        raise ValueError("the Keypoint R-CNN comparison times inference only")
+        raise ValueError(f"the {compare} comparison times inference only")
     cfg, model = _build(spec)
     model.train(train)
     batch, step = _steps(spec, cfg, model)
@@ -172,7 +176,18 @@ def run_measurement(spec: Dict) -> Dict:
         for shapes in compile_shapes(spec, cfg):
             compiled = torch.compile(model, backend=backend, mode=mode, dynamic=shapes == "dynamic")
             runners[f"compiled {shapes}"] = functools.partial(step, compiled)
-    if compare:
+    if compare == "joint_scores":  # the same model and weights, MODEL.PETR.JOINT_SCORES none
+        joint_mode = model.joint_scores
+
+        def run_without_joint_scores():
+            model.joint_scores = "none"
+            try:
+                step(model)
+            finally:
+                model.joint_scores = joint_mode
+
+        runners["joint_scores_none"] = run_without_joint_scores
+    if compare == "keypoint_rcnn":
         krcnn = KeypointRCNNRunner(device, spec.get("kpt_boxes", 20))
         krcnn_batch = keypoint_rcnn_batch(batch)
         boxes = []
@@ -223,7 +238,9 @@ def run_measurement(spec: Dict) -> Dict:
             name.split()[1]: {**_stats(times[name]), "compile_s": first_call[name]}
             for name in compiled
         }
-    if compare:
+    if compare == "joint_scores":
+        result["joint_scores_none"] = {**_stats(times["joint_scores_none"]), "mode": joint_mode}
+    if compare == "keypoint_rcnn":
         result["keypoint_rcnn"] = {
             **_stats(times["keypoint_rcnn"]),
             "boxes": sum(boxes) / max(len(boxes), 1),

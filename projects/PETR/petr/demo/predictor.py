@@ -10,7 +10,7 @@ from detectron2.engine.defaults import DefaultPredictor
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
-from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
+from detectron2.utils.visualizer import _KEYPOINT_THRESHOLD, ColorMode, VisImage, Visualizer
 
 from ..checkpoint.checkpointer import PETRCheckpointer
 from ..config import check_config
@@ -61,19 +61,34 @@ def _confident(instances: Instances, threshold: float) -> Instances:
     return instances[instances.scores >= threshold]
 
 
+def _joints_over(instances: Instances, keypoint_threshold: float) -> Instances:
+    """A copy whose joint scores are 1 above `keypoint_threshold` and 0 elsewhere, for drawers
+    that keep Detectron2's fixed threshold (VideoVisualizer): the same joints get drawn."""
+    if not instances.has("pred_keypoints"):
+        return instances
+    out = Instances(instances.image_size, **instances.get_fields())
+    kpts = instances.pred_keypoints.clone()
+    kpts[..., 2] = (kpts[..., 2] > keypoint_threshold).to(kpts)
+    out.pred_keypoints = kpts
+    return out
+
+
 def draw_poses(
     image_rgb: np.ndarray,
     instances: Instances,
     metadata,
     confidence_threshold: float = 0.3,
     instance_mode: ColorMode = ColorMode.IMAGE,
+    keypoint_threshold: float = _KEYPOINT_THRESHOLD,
 ) -> VisImage:
     """Draw the poses scoring >= confidence_threshold on an (H, W, 3) RGB image with Detectron2's
-    `Visualizer`: joints, the skeleton of the metadata's `keypoint_connection_rules` (any K),
-    keypoint-tight boxes and scores. instances: pred_keypoints (N, K, 3) pixels of this image."""
+    `Visualizer`: joints whose score (pred_keypoints[..., 2]) exceeds keypoint_threshold, the
+    skeleton of the metadata's `keypoint_connection_rules` (any K) between them, keypoint-tight
+    boxes and scores. instances: pred_keypoints (N, K, 3) pixels of this image."""
     if instances.has("pred_keypoints"):
         check_metadata_keypoints(metadata, instances.pred_keypoints.shape[1])
     visualizer = Visualizer(image_rgb, metadata, instance_mode=instance_mode)
+    visualizer.keypoint_threshold = keypoint_threshold
     return visualizer.draw_instance_predictions(
         _confident(instances.to("cpu"), confidence_threshold)
     )
@@ -100,12 +115,18 @@ class VisualizationDemo:
     from cfg.DATASETS.TEST[0]."""
 
     def __init__(
-        self, cfg, confidence_threshold=0.3, instance_mode=ColorMode.IMAGE, config_file=None
+        self,
+        cfg,
+        confidence_threshold=0.3,
+        instance_mode=ColorMode.IMAGE,
+        config_file=None,
+        keypoint_threshold=_KEYPOINT_THRESHOLD,
     ):
         self.metadata = MetadataCatalog.get(
             cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         )
         self.confidence_threshold = confidence_threshold
+        self.keypoint_threshold = keypoint_threshold
         self.instance_mode = instance_mode
         self.predictor = PETRPredictor(cfg, config_file)  # checks the TEST dataset's keypoints
 
@@ -120,7 +141,7 @@ class VisualizationDemo:
             image, instances = _shrink_for_drawing(image, instances.to("cpu"), scale)
         vis = draw_poses(
             image[:, :, ::-1], instances, self.metadata,
-            self.confidence_threshold, self.instance_mode,
+            self.confidence_threshold, self.instance_mode, self.keypoint_threshold,
         )  # fmt: skip
         return predictions, vis
 
@@ -134,5 +155,6 @@ class VisualizationDemo:
                 break
             instances = self.predictor(frame)["instances"].to("cpu")
             instances = _confident(instances, self.confidence_threshold)
+            instances = _joints_over(instances, self.keypoint_threshold)
             vis = visualizer.draw_instance_predictions(frame[:, :, ::-1], instances)
             yield cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)

@@ -2,7 +2,8 @@
 
 The exported graph takes a (1, 3, H, W) float32 image and returns, sorted by descending score,
     scores     (N,)       sigmoid pose scores
-    keypoints  (N, K, 3)  (x, y, 1) in pixels of the input image
+    keypoints  (N, K, 3)  (x, y) in pixels of the input image, then the joint score (the heatmap
+                          branch at the joint; 1 with MODEL.PETR.JOINT_SCORES none)
     boxes      (N, 4)     xyxy pixels, the tight box of the keypoints
 with N = min(TEST.DETECTIONS_PER_IMAGE, MODEL.PETR.NUM_QUERIES).
 

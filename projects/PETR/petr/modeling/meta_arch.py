@@ -32,6 +32,8 @@ from .transformer.proposals import PETRPointProposals
 
 __all__ = ["PETR"]
 
+JOINT_SCORES = ("heatmap", "none")
+
 
 @META_ARCH_REGISTRY.register()
 class PETR(nn.Module):
@@ -58,6 +60,7 @@ class PETR(nn.Module):
         size_divisibility: int = 1,
         output_pixel_offset: float = 0.0,
         oks_nms_thresh: float = 0.0,
+        joint_scores: str = "heatmap",
     ):
         super().__init__()
         self.backbone = backbone
@@ -82,6 +85,11 @@ class PETR(nn.Module):
         if oks_nms_thresh > 0 and keypoint_spec.oks_sigmas is None:
             raise ValueError("MODEL.PETR.OKS_NMS_THRESH_TEST > 0 needs OKS sigmas in the spec")
         self.oks_nms_thresh = oks_nms_thresh
+        if joint_scores not in JOINT_SCORES:
+            raise ValueError(
+                f"MODEL.PETR.JOINT_SCORES must be one of {JOINT_SCORES}, got {joint_scores!r}"
+            )
+        self.joint_scores = joint_scores
         sigmas = torch.tensor(keypoint_spec.oks_sigmas or (), dtype=torch.float32)
         self.register_buffer("oks_sigmas", sigmas, False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -162,6 +170,7 @@ class PETR(nn.Module):
             "size_divisibility": p.SIZE_DIVISIBILITY,
             "output_pixel_offset": p.OUTPUT_PIXEL_OFFSET,
             "oks_nms_thresh": p.OKS_NMS_THRESH_TEST,
+            "joint_scores": p.JOINT_SCORES,
         }
 
     @property
@@ -240,7 +249,8 @@ class PETR(nn.Module):
     def predict(self, images: PETRImages) -> PETRPredictions:
         """The one inference path (forward, TTA, ONNX export): encoder,
         proposals, pose decoder, the top min(detections_per_image, Q) poses by score, refined
-        by the joint decoder. Keypoints stay normalised by each unpadded image size; see
+        by the joint decoder, and with MODEL.PETR.JOINT_SCORES "heatmap" each joint's confidence
+        from the heatmap branch. Keypoints stay normalised by each unpadded image size; see
         `postprocess` for pixels. No host sync, static shapes (torch.compile, ONNX)."""
         enc = self.encode(images)
         prop = self.proposals(enc)
@@ -250,20 +260,26 @@ class PETR(nn.Module):
         scores, idx = logits[-1][..., 0].sigmoid().topk(k, dim=1)  # (B, k), sorted
         top = torch.gather(kpts[-1], 1, idx[..., None].expand(-1, -1, kpts.shape[-1]))
         refined = self.joint_decoder(enc, top.flatten(0, 1))[-1]  # (B*k, K, 2), k per image
-        return PETRPredictions(scores, refined.view(B, k, self.num_keypoints, 2))
+        keypoints = refined.view(B, k, self.num_keypoints, 2)
+        joint_scores = None
+        if self.joint_scores == "heatmap":
+            joint_scores = self.heatmap_head.joint_scores(enc, keypoints)  # (B, k, K)
+        return PETRPredictions(scores, keypoints, joint_scores)
 
     def postprocess(self, predictions: PETRPredictions, batched_inputs, image_sizes):
         """The back door: `PETRPredictions` (keypoints normalised by `image_sizes`, the unpadded
         network input size (h, w) of each image) -> [{"instances": Instances}] in pixels of each
-        original image (the input dict's "height"/"width", else image_sizes), OKS-NMS'ed when
+        original image (the input dict's "height"/"width", else image_sizes), with the joint
+        scores (if any) in pred_keypoints[..., 2], OKS-NMS'ed when
         MODEL.PETR.OKS_NMS_THRESH_TEST > 0. Forward and TTA (after merging its views) both end
         here."""
         results = []
+        joint_scores = predictions.joint_scores
         for b, (x, size) in enumerate(zip(batched_inputs, image_sizes)):
             out_size = (x.get("height", size[0]), x.get("width", size[1]))
             inst = poses_to_instances(
                 predictions.keypoints[b], predictions.scores[b], size, out_size,
-                self.output_pixel_offset,
+                self.output_pixel_offset, None if joint_scores is None else joint_scores[b],
             )  # fmt: skip
             if self.oks_nms_thresh > 0:
                 keep = oks_nms(

@@ -15,17 +15,18 @@ def poses_to_instances(
     image_size: Tuple[int, int],
     output_size: Tuple[int, int],
     pixel_offset: float = 0.0,
+    joint_scores: torch.Tensor | None = None,
 ) -> Instances:
     """keypoints (N, K, 2) normalised (x, y) of the network input's unpadded image of size
-    image_size (h, w); scores (N,). Returns Instances of size output_size (H, W) (the original
-    image) with pred_keypoints (N, K, 3) pixels (x, y, 1), pred_boxes (the tight box of the
-    keypoints), scores and pred_classes (0). `pixel_offset` shifts the keypoints (see
-    MODEL.PETR.OUTPUT_PIXEL_OFFSET)."""
+    image_size (h, w); scores (N,); joint_scores (N, K) or None. Returns Instances of size
+    output_size (H, W) (the original image) with pred_keypoints (N, K, 3) pixels (x, y, joint
+    score), pred_boxes (the tight box of the keypoints), scores and pred_classes (0).
+    `pixel_offset` shifts the keypoints (see MODEL.PETR.OUTPUT_PIXEL_OFFSET)."""
     h, w = image_size
     out_h, out_w = output_size
     x = (keypoints[..., 0] * w).clamp(min=0, max=w) * (out_w / w) + pixel_offset
     y = (keypoints[..., 1] * h).clamp(min=0, max=h) * (out_h / h) + pixel_offset
-    return pose_instances(torch.stack([x, y], -1), scores, output_size)
+    return pose_instances(torch.stack([x, y], -1), scores, output_size, joint_scores)
 
 
 def keypoint_boxes(keypoints: torch.Tensor) -> torch.Tensor:
@@ -37,14 +38,20 @@ def keypoint_boxes(keypoints: torch.Tensor) -> torch.Tensor:
 
 
 def pose_instances(
-    keypoints: torch.Tensor, scores: torch.Tensor, image_size: Tuple[int, int]
+    keypoints: torch.Tensor,
+    scores: torch.Tensor,
+    image_size: Tuple[int, int],
+    joint_scores: torch.Tensor | None = None,
 ) -> Instances:
     """Detectron2's output of poses: keypoints (N, K, 2) pixels (x, y), scores (N,), image_size
-    (H, W). Returns Instances with pred_keypoints (N, K, 3) (x, y, 1), pred_boxes (the tight box
-    of the keypoints), scores and pred_classes (0)."""
+    (H, W), joint_scores (N, K) or None. Returns Instances with pred_keypoints (N, K, 3)
+    (x, y, joint score; 1 without joint_scores), pred_boxes (the tight box of the keypoints),
+    scores and pred_classes (0)."""
     result = Instances(tuple(image_size))
-    # The official model has no per-joint confidence (its flip test too): every joint gets 1.
-    result.pred_keypoints = torch.cat([keypoints, torch.ones_like(keypoints[..., :1])], -1)
+    # Without joint scores (MODEL.PETR.JOINT_SCORES none, as the official model) every joint
+    # gets 1.
+    conf = torch.ones_like(keypoints[..., 0]) if joint_scores is None else joint_scores
+    result.pred_keypoints = torch.cat([keypoints, conf.to(keypoints)[..., None]], -1)
     result.pred_boxes = Boxes(keypoint_boxes(keypoints))
     result.scores = scores
     result.pred_classes = torch.zeros_like(scores, dtype=torch.int64)

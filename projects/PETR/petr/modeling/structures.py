@@ -96,8 +96,10 @@ class PETRPredictions:
     """The top poses of every image, sorted by descending score.
 
     scores (B, k) sigmoid pose scores; keypoints (B, k, K, 2) normalised (x, y) by each image's
-    unpadded size (ImageList.image_sizes), refined by the joint decoder.
+    unpadded size (ImageList.image_sizes), refined by the joint decoder; optional joint_scores
+    (B, k, K) in [0, 1], the heatmap branch at each joint (None: MODEL.PETR.JOINT_SCORES none).
     """
 
     scores: Tensor
     keypoints: Tensor
+    joint_scores: Tensor | None = None

@@ -8,6 +8,9 @@ postprocesses once. "soft_nms" follows the official flip test (hikvision-researc
 every view's poses are mapped back to the original image, concatenated, and linear soft-NMS on
 the keypoint-tight boxes keeps the top ones. "oks_average" is NMS-free: each view's poses are
 matched by OKS (Hungarian) to the poses of the reference view and matched poses are averaged.
+Joint scores (MODEL.PETR.JOINT_SCORES) ride along as a third keypoint channel (x, y, c): a flip
+swaps them with the joint ids, soft-NMS keeps them with their pose, "oks_average" averages them
+as the coordinates.
 All coordinates here are pixels (x, y) of the original image unless a docstring says otherwise.
 """
 
@@ -99,12 +102,13 @@ def soft_nms_linear(
 def merge_by_oks(
     views: List[Tuple[torch.Tensor, torch.Tensor]], sigmas: torch.Tensor, oks_threshold: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """NMS-free merge. views: [(keypoints (N_v, K, 2) pixels, scores (N_v,))], views[0] the
-    reference. Each later view is matched one-to-one (Hungarian, maximum OKS with the anchor's
-    tight-box area as scale) to the current groups, which start as the reference poses; a pose
-    matched with OKS >= oks_threshold joins that group, any other pose starts a new group with
-    itself as anchor. Each group becomes one pose: the score-weighted mean of its keypoints and
-    the mean of its scores. Returns (keypoints (G, K, 2), scores (G,)), sorted by score."""
+    """NMS-free merge. views: [(keypoints (N_v, K, C>=2) pixels (x, y, then e.g. the joint
+    score), scores (N_v,))], views[0] the reference. Each later view is matched one-to-one
+    (Hungarian, maximum OKS with the anchor's tight-box area as scale) to the current groups,
+    which start as the reference poses; a pose matched with OKS >= oks_threshold joins that
+    group, any other pose starts a new group with itself as anchor. Each group becomes one
+    pose: the score-weighted mean of its keypoints (every channel) and the mean of its scores.
+    Returns (keypoints (G, K, C), scores (G,)), sorted by score."""
     anchors, groups = views[0][0][..., :2], list(range(len(views[0][0])))
     for kpts, _ in views[1:]:
         ids = torch.arange(len(anchors), len(anchors) + len(kpts)).tolist()
@@ -121,7 +125,7 @@ def merge_by_oks(
             ids[c] = len(anchors) + n
         anchors = torch.cat([anchors, kpts[new, :, :2]])
         groups += ids
-    all_kpts = torch.cat([k[..., :2] for k, _ in views])
+    all_kpts = torch.cat([k for k, _ in views])
     all_scores = torch.cat([s for _, s in views]).float()
     group = torch.tensor(groups, dtype=torch.long, device=all_kpts.device)
     G = len(anchors)
@@ -242,8 +246,8 @@ class PETRWithTTA(nn.Module):
 
     def view_poses(self, x: Dict) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int, int]:
         """Per view, the reference first: (keypoints (N, K, 2) normalised (x, y) of the original
-        image, clamped to [0, 1], flipped views un-flipped; scores (N,)), and the original size
-        (H, W)."""
+        image, clamped to [0, 1], flipped views un-flipped, or (N, K, 3) with the joint score
+        third when the model gives one; scores (N,)), and the original size (H, W)."""
         image, H, W = self._original_image(x)
         poses = []
         for size in self.min_sizes:
@@ -251,6 +255,8 @@ class PETRWithTTA(nn.Module):
                 view = self.preprocessor(image, min_size=size, flip=flipped)
                 predictions, _ = self.model([view], do_postprocess=False)
                 kpts = predictions.keypoints[0].clamp(0.0, 1.0)  # as postprocess clamps
+                if predictions.joint_scores is not None:
+                    kpts = torch.cat([kpts, predictions.joint_scores[0][..., None]], -1)
                 if flipped:
                     kpts = hflip_poses(kpts, 1.0, self.flip_indices)
                 poses.append((kpts, predictions.scores[0]))
@@ -260,7 +266,7 @@ class PETRWithTTA(nn.Module):
         poses, H, W = self.view_poses(x)
         device = poses[0][0].device  # the result goes back where the model put its outputs
         # The merges run in original-image pixels (OKS and IoU), on the CPU (sequential).
-        scale = torch.tensor([float(W), float(H)])
+        scale = torch.tensor([float(W), float(H), 1.0])[: poses[0][0].shape[-1]]  # (x, y, c)
         poses = [(k.cpu() * scale, s.cpu()) for k, s in poses]
         if self.merge == "soft_nms":
             kpts, scores = torch.cat([p[0] for p in poses]), torch.cat([p[1] for p in poses])
@@ -274,5 +280,7 @@ class PETRWithTTA(nn.Module):
         else:
             kpts, scores = merge_by_oks(poses, self.oks_sigmas, self.match_oks_threshold)
         kpts, scores = kpts[: self.detections_per_image], scores[: self.detections_per_image]
-        merged = PETRPredictions(scores[None].to(device), (kpts / scale)[None].to(device))
+        kpts = (kpts / scale)[None].to(device)
+        joint_scores = kpts[..., 2] if kpts.shape[-1] == 3 else None
+        merged = PETRPredictions(scores[None].to(device), kpts[..., :2], joint_scores)
         return self.model.postprocess(merged, [{"height": H, "width": W}], [(H, W)])[0]
