@@ -16,6 +16,7 @@ from petr_testing import load_tool, opera_tiny_cfg
 from petr.data.datasets.toy import register_toy_split
 from petr.data.metadata import COCO_OKS_SIGMAS
 from petr.evaluation.joint_confidence import JointConfidenceEvaluator, match_by_oks, roc_auc
+from petr.modeling.transformer.encoder import PETRTransformerEncoder
 from petr.modeling.transformer.heatmap import PETRHeatmapHead
 
 SIGMAS = torch.tensor(COCO_OKS_SIGMAS, dtype=torch.float64)
@@ -54,9 +55,9 @@ def test_joint_scores_sample_each_joints_own_channel_bilinearly():
     head.forward = lambda enc: (logits.expand(B, -1, -1, -1), None)
     # image 1 is padded: its valid part is half the map's width and 2/3 of its height
     ratios = torch.tensor([[[1.0, 1.0]], [[0.5, 2 / 3]]])  # (B, L=1, 2) (w, h)
-    enc = SimpleNamespace(valid_ratios=ratios)
+    enc = SimpleNamespace(valid_ratios=ratios, spatial_shapes=((h0, w0),))
     kpts = torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.6, 0.3]]).expand(B, 1, K, 2)  # (B, 1, K, 2)
-    got = head.joint_scores(enc, kpts)
+    got = head.joint_scores(enc, kpts, full_map=True)
     assert got.shape == (B, 1, K)
     for b in range(B):
         for k in range(K):
@@ -67,9 +68,54 @@ def test_joint_scores_sample_each_joints_own_channel_bilinearly():
     # joints off the image read the border cell, as the back door clamps them onto it
     off = torch.tensor([[[[-0.3, 0.5], [1.4, 0.5], [0.5, 2.0]]]])
     edge = torch.tensor([[[[0.0, 0.5], [1.0, 0.5], [0.5, 1.0]]]])
-    enc = SimpleNamespace(valid_ratios=ratios[:1])
+    enc = SimpleNamespace(valid_ratios=ratios[:1], spatial_shapes=((h0, w0),))
     head.forward = lambda enc: (logits[None], None)
-    torch.testing.assert_close(head.joint_scores(enc, off), head.joint_scores(enc, edge))
+    torch.testing.assert_close(
+        head.joint_scores(enc, off, full_map=True), head.joint_scores(enc, edge, full_map=True)
+    )
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_joint_scores_at_the_cells_equal_the_full_map(num_layers):
+    """The cheap path (the last layer's query side at the 4 cells around each joint) against
+    the full stride-8 map, on a random head: a padded batch, joints inside, on the border, off
+    the image and on padded cells' neighbours."""
+    torch.manual_seed(num_layers)
+    C, K = 16, 5
+    head = PETRHeatmapHead(
+        dim=C, num_heads=2, ffn_dim=32, dropout=0.0, num_layers=num_layers, num_points=3,
+        num_keypoints=K,
+    ).eval()  # fmt: skip
+    for p in head.parameters():  # a trained-looking head: offsets and weights far from init
+        p.data.add_(0.3 * torch.randn_like(p))
+    encoder = PETRTransformerEncoder(
+        dim=C, num_heads=2, ffn_dim=32, dropout=0.0, num_layers=1, num_levels=2, num_points=2
+    ).eval()  # fmt: skip
+    B, sizes = 2, ((7, 11), (4, 6))
+    feats = [torch.randn(B, C, h, w) for h, w in sizes]
+    masks = [torch.zeros(B, h, w, dtype=torch.bool) for h, w in sizes]
+    masks[0][1, 5:] = True  # image 1 valid on 5 x 8 of the 7 x 11 stride-8 map
+    masks[0][1, :, 8:] = True
+    masks[1][1, 3:] = True
+    masks[1][1, :, 4:] = True
+    kpts = torch.rand(B, 6, K, 2) * 1.4 - 0.2  # some off the image
+    kpts[:, 0] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.5, 1.0]])
+    with torch.no_grad():
+        enc = encoder(feats, masks, [torch.randn_like(f) for f in feats])
+        full = head.joint_scores(enc, kpts, full_map=True)
+        cells = head.joint_scores(enc, kpts, full_map=False)
+    assert full.shape == cells.shape == (B, 6, K)
+    assert (full - 0.5).abs().max() > 0.05  # a non-trivial head
+    torch.testing.assert_close(cells, full, atol=1e-5, rtol=0)
+    # the default runs the full map (forward) only when it has no more tokens than the cells
+    calls = []
+    full_map = head.forward
+    head.forward = lambda enc: calls.append(1) or full_map(enc)
+    with torch.no_grad():
+        head.joint_scores(enc, kpts[:, :1])  # 20 cells < 77 tokens
+        assert not calls
+        head.joint_scores(enc, kpts)  # 120 cells > 77 tokens
+        assert calls
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,15 @@ class PETREncoderLayer(PostNormLayer):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(
+        self, x, pos, reference_points, spatial_shapes, level_start_index, padding_mask, value=None
+    ):  # fmt: skip
+        """value (B, S, C), default x: the tokens attended to, when the queries x are only some
+        of them (each output token depends only on its own query, reference point and value)."""
         x = self.self_attn(
-            x, pos, reference_points, x, spatial_shapes, level_start_index, padding_mask
-        )
+            x, pos, reference_points, x if value is None else value, spatial_shapes,
+            level_start_index, padding_mask,
+        )  # fmt: skip
         return self.norm2(self.ffn(self.norm1(x)))
 
 
