@@ -22,8 +22,17 @@ def _check_level_index(name, t, device):
 
 
 def _is_int(x) -> bool:
-    """A Python int or a symbolic one (a size under torch.compile(dynamic) / torch.export)."""
+    """A Python int or a symbolic one (a size under torch.compile(dynamic) / torch.export), or,
+    while the TorchScript tracer runs (torch 2.3's ONNX export), the 0-d tensor it makes of a
+    size."""
+    if isinstance(x, torch.Tensor):
+        return torch.jit.is_tracing() and x.dim() == 0 and not x.is_floating_point()
     return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
+def _size(x):
+    """A traced 0-d size as the int the tracer records (a fixed-size graph); anything else as is."""
+    return int(x) if isinstance(x, torch.Tensor) else x
 
 
 def _level_sizes(spatial_shapes, level_start_index, device):
@@ -76,8 +85,13 @@ def _level_sizes(spatial_shapes, level_start_index, device):
     if isinstance(spatial_shapes, torch.Tensor):
         sizes, flat = [(flat[2 * i], flat[2 * i + 1]) for i in range(L)], flat[2 * L :]
     else:
-        sizes = [(h, w) for h, w in spatial_shapes]  # no int(): it would pin a symbolic size
-    starts = flat if isinstance(level_start_index, torch.Tensor) else list(level_start_index)
+        # no int(): it would pin a symbolic size
+        sizes = [(_size(h), _size(w)) for h, w in spatial_shapes]
+    starts = (
+        flat
+        if isinstance(level_start_index, torch.Tensor)
+        else [_size(s) for s in level_start_index]
+    )
     return sizes, starts
 
 
