@@ -64,6 +64,12 @@ def get_parser():
         "--full-size", action="store_true", help="save image drawings at the input's size"
     )
     parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="predict with this graph from tools/export_onnx.py on onnxruntime (the config "
+        "gives the test resize and metadata; MODEL.WEIGHTS is not read)",
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
     return parser
@@ -230,7 +236,10 @@ def main(argv=None) -> int:
         return 1
     cfg = setup_cfg(args)
     demo = VisualizationDemo(
-        cfg, confidence_threshold=args.confidence_threshold, config_file=args.config_file
+        cfg,
+        confidence_threshold=args.confidence_threshold,
+        config_file=args.config_file,
+        onnx_path=args.onnx,
     )
     try:
         if args.input:

@@ -20,6 +20,7 @@ from detectron2.modeling import build_model
 from petr import get_petr_cfg
 from petr.checkpoint.checkpointer import PETRCheckpointer
 from petr.export.onnx_wrapper import (
+    DEFAULT_OPSET,
     DYNAMIC_EXPORT,
     MIN_OPSET,
     MIN_SIDE,
@@ -67,7 +68,9 @@ def build_parser():
     parser.add_argument("--min-size", type=int, default=MIN_SIDE, help="smallest H and W")
     parser.add_argument("--max-size", type=int, default=2048, help="largest H and W")
     parser.add_argument("--max-batch", type=int, default=64, help="largest batch size")
-    parser.add_argument("--opset", type=int, default=18, help=f"ONNX opset (>= {MIN_OPSET})")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})"
+    )
     parser.add_argument(
         "--normalized-input",
         action="store_true",

@@ -180,11 +180,11 @@ def batch_tensor(
         raise ValueError(f"Expected a (B, 3, H, W) image batch, got {tuple(batch.shape)}")
     if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
         raise ValueError(f"Expected (B, 2) image_sizes, got {tuple(image_sizes.shape)}")
-    H, W = batch.shape[-2:]
-    normed = F.pad(
-        _normalize(batch, pixel_mean, pixel_std),
-        (0, _round_up(W, size_divisibility) - W, 0, _round_up(H, size_divisibility) - H),
-    )
+    normed = _normalize(batch, pixel_mean, pixel_std)
+    if size_divisibility > 1:  # no pad op otherwise: the tracer (torch 2.3) would turn the
+        H, W = batch.shape[-2:]  # level sizes into tensors
+        pad_w, pad_h = _round_up(W, size_divisibility) - W, _round_up(H, size_divisibility) - H
+        normed = F.pad(normed, (0, pad_w, 0, pad_h))
     mask = padding_mask(normed, image_sizes)
     return PETRImages(normed.masked_fill(mask[:, None], 0.0), image_sizes, mask)
 

@@ -37,6 +37,7 @@ from petr.layers import deform_attn_backend
 from petr.modeling.postprocess import keypoint_boxes, keypoints_to_pixels, oks_suppressed
 
 __all__ = [
+    "DEFAULT_OPSET",
     "DYNAMIC_EXPORT",
     "INPUT_NAMES",
     "MIN_OPSET",
@@ -52,6 +53,7 @@ MIN_OPSET = 16  # GridSample entered the ONNX standard in opset 16
 INPUT_NAMES = ("image", "image_sizes")
 OUTPUT_NAMES = ("scores", "keypoints", "boxes")
 DYNAMIC_EXPORT = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6)
+DEFAULT_OPSET = 18 if DYNAMIC_EXPORT else 17  # the newest the TorchScript exporter of 2.3 has
 MIN_SIDE = 65  # the smallest H and W the dynamic export accepts (>= 2 cells at stride 64)
 
 
@@ -115,7 +117,7 @@ def export_petr_onnx(
     height: int,
     width: int,
     *,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     normalized_input: bool = False,
     min_size: int = MIN_SIDE,
     max_size: int = 2048,
