@@ -53,7 +53,8 @@ def test_four_routes_give_identical_network_inputs(tmp_path):
         # 2. TTA with a single unflipped view at the test scale, from the file
         PETRWithTTA(cfg, model).eval()([{"file_name": path, "height": 70, "width": 110}])
         # 3. the ONNX export wrapper, fed the front door's image as the exported graph is
-        PETRONNXWrapper(model)(PETRPreprocessor(cfg)(bgr, "BGR")["image"].float()[None])
+        onnx_input = PETRPreprocessor(cfg)(bgr, "BGR")["image"].float()[None]
+        PETRONNXWrapper(model)(onnx_input, torch.tensor([onnx_input.shape[-2:]]))
         # 4. the demo predictor (BGR in), on its own model
         predictor = PETRPredictor(cfg)
         seen_by_predictor = _record_network_inputs(predictor.model)
@@ -66,7 +67,8 @@ def test_four_routes_give_identical_network_inputs(tmp_path):
     mean, std = model.pixel_mean, model.pixel_std
     expected = (rgb.permute(2, 0, 1).float() - mean) / std
     for images in inputs:
-        assert images.image_sizes == inputs[0].image_sizes
+        # the ONNX route's sizes are its (1, 2) input tensor
+        assert [tuple(map(int, hw)) for hw in images.image_sizes] == inputs[0].image_sizes
         torch.testing.assert_close(images.tensor[0], expected, rtol=0, atol=1e-5)
         assert not images.padding_mask.any()
 

@@ -72,6 +72,12 @@ def get_parser():
         f"(default: Detectron2's Visualizer, {_KEYPOINT_THRESHOLD})",
     )
     parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="predict with this graph from tools/export_onnx.py on onnxruntime (the config "
+        "gives the test resize and metadata; MODEL.WEIGHTS is not read)",
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
     return parser
@@ -242,6 +248,7 @@ def main(argv=None) -> int:
         confidence_threshold=args.confidence_threshold,
         config_file=args.config_file,
         keypoint_threshold=args.keypoint_threshold,
+        onnx_path=args.onnx,
     )
     try:
         if args.input:

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Export PETR inference to ONNX for one image of a fixed size.
+"""Export PETR inference to ONNX: one graph for every image size and batch size.
 
     python tools/export_onnx.py --config-file configs/petr_R50.yaml --output petr_R50.onnx \
         --height 800 --width 1333 --verify --opts MODEL.WEIGHTS model_final.pth
 
-The graph has one input, "image" (1, 3, H, W) float32 in INPUT.FORMAT channel order (raw 0-255
-values, or (x - PIXEL_MEAN) / PIXEL_STD with --normalized-input), and three outputs sorted by
-descending score: "scores" (N,), "keypoints" (N, K, 3) (x, y, 1) and "boxes" (N, 4) xyxy, both
-in pixels of the input image; N = min(TEST.DETECTIONS_PER_IMAGE, NUM_QUERIES).
+Inputs: "image" (B, 3, H, W) float32 in INPUT.FORMAT channel order (raw 0-255 values, or
+(x - PIXEL_MEAN) / PIXEL_STD with --normalized-input), padded bottom/right, and "image_sizes"
+(B, 2) int64, the unpadded (h, w) of each image. Outputs, per image, sorted by descending score:
+"scores" (B, N), "keypoints" (B, N, K, 3) (x, y, 1) and "boxes" (B, N, 4) xyxy, both in pixels
+of that image's unpadded input; N = min(TEST.DETECTIONS_PER_IMAGE, NUM_QUERIES).
 """
 
 import argparse
@@ -19,7 +20,10 @@ from detectron2.modeling import build_model
 from petr import get_petr_cfg
 from petr.checkpoint.checkpointer import PETRCheckpointer
 from petr.export.onnx_wrapper import (
+    DEFAULT_OPSET,
+    DYNAMIC_EXPORT,
     MIN_OPSET,
+    MIN_SIDE,
     compare_predictions,
     export_petr_onnx,
     run_onnxruntime,
@@ -28,18 +32,20 @@ from petr.export.onnx_wrapper import (
 
 EPILOG = f"""\
 Limits:
-  * Fixed input size. H and W are frozen at export: feature-map sizes enter the model as Python
-    ints (reference points, position encodings, per-level splits), so tracing records them as
-    constants and onnxruntime rejects any other size. Resize or pad the image to HxW yourself
-    (keep the aspect ratio and pad bottom/right to match the training-time layout; padding is
-    then seen as image content, since the exported graph has no padding mask). Export once per
-    size you need; dynamic sizes are not supported.
-  * Batch size 1, no padding mask (a single unpadded image needs none).
-  * Deformable attention is exported through the pure-PyTorch reference (GridSample), never the
-    compiled petr._C kernel; GridSample needs opset >= {MIN_OPSET}. Other ops are standard
-    (Conv, Gemm/MatMul, LayerNormalization, Softmax, TopK, GatherElements, CumSum, Sin/Cos...).
-  * fp32 only. Exporting R50 at 800x1333 takes ~1.5 min of CPU and ~3.3 GB of RAM; the
-    .onnx file holds the weights (~170 MB for R50).
+  * torch >= 2.6 (the default stack): torch.export-based exporter, dynamic batch (1 to
+    --max-batch) and dynamic H, W (--min-size to --max-size, at least {MIN_SIDE}); --height and
+    --width only choose the traced example. Resize with the test resize (petr.export's
+    PETRONNXPredictor does) and pad a batch bottom/right; the padding mask is built in-graph from
+    image_sizes, so padding is never seen as image content.
+  * torch < 2.6 (the floor stack, torch 2.3): the TorchScript tracer freezes the batch (2) and
+    H x W at --height x --width; onnxruntime rejects other shapes. Known problem: that
+    export currently fails (the tracer hands level sizes to ms_deform_attn as 0-d tensors).
+  * Deformable attention is exported through the pure-PyTorch reference (one GridSample per
+    level), never the compiled petr._C kernel; GridSample needs opset >= {MIN_OPSET}.
+  * MODEL.PETR.OKS_NMS_THRESH_TEST > 0: OKS-NMS runs in-graph with fixed shapes; suppressed
+    poses keep their row with score 0.
+  * fp32 only. The dynamic export of R50 takes minutes of CPU; the .onnx file holds the
+    weights (~170 MB for R50).
 """
 
 
@@ -58,9 +64,14 @@ def build_parser():
     )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--output", default="model.onnx", help="path of the .onnx file to write")
-    parser.add_argument("--height", type=int, default=800, help="fixed input height (pixels)")
-    parser.add_argument("--width", type=int, default=1333, help="fixed input width (pixels)")
-    parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset (>= {MIN_OPSET})")
+    parser.add_argument("--height", type=int, default=800, help="export (example) height")
+    parser.add_argument("--width", type=int, default=1333, help="export (example) width")
+    parser.add_argument("--min-size", type=int, default=MIN_SIDE, help="smallest H and W")
+    parser.add_argument("--max-size", type=int, default=2048, help="largest H and W")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest batch size")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})"
+    )
     parser.add_argument(
         "--normalized-input",
         action="store_true",
@@ -69,7 +80,7 @@ def build_parser():
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="run the exported graph in onnxruntime on a random image and compare with PyTorch",
+        help="compare onnxruntime with PyTorch at 3 other sizes and on a padded batch of 2",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --verify image")
     parser.add_argument(
@@ -81,14 +92,37 @@ def build_parser():
     return parser
 
 
-def verify(cfg, wrapper, path, args) -> dict:
-    """Max differences between onnxruntime and PyTorch on a random (1, 3, H, W) image."""
+def verify_cases(args):
+    """(h, w) lists to verify: 3 single images of sizes other than the export size (when the
+    export is dynamic) and a padded batch of 2 images of different sizes."""
+    h, w = args.height, args.width
+    if not DYNAMIC_EXPORT:
+        return [[(h, w), (max(h - 16, 1), w)]]
+    lo, hi = max(args.min_size, MIN_SIDE), args.max_size
+
+    def fit(a, b):
+        return (min(max(int(a), lo), hi), min(max(int(b), lo), hi))
+
+    others = [fit(h * 0.75, w), fit(h, w * 0.8), fit(h * 1.25 + 3, w * 1.1 + 5)]
+    return [[s] for s in others] + [[fit(h * 1.1, w * 0.9), fit(h * 0.8, w * 1.05)]]
+
+
+def verify(cfg, wrapper, path, args) -> list:
+    """[(sizes, max differences)] between onnxruntime and PyTorch on random padded batches."""
     g = torch.Generator().manual_seed(args.seed)
-    image = torch.randint(0, 256, (1, 3, args.height, args.width), generator=g).float()
-    if args.normalized_input:
-        mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
-        image = (image - mean) / torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
-    return compare_predictions(run_reference(wrapper, image), run_onnxruntime(path, image))
+    results = []
+    for sizes in verify_cases(args):
+        H, W = max(h for h, _ in sizes), max(w for _, w in sizes)
+        image = torch.zeros(len(sizes), 3, H, W)
+        for i, (h, w) in enumerate(sizes):
+            image[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), generator=g).float()
+        if args.normalized_input:
+            mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
+            image = (image - mean) / torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
+        image_sizes = torch.tensor(sizes, dtype=torch.int64)
+        ref = run_reference(wrapper, image, image_sizes)
+        results.append((sizes, compare_predictions(ref, run_onnxruntime(path, image, image_sizes))))
+    return results
 
 
 def main(argv=None) -> int:
@@ -100,6 +134,8 @@ def main(argv=None) -> int:
         )
     if args.height <= 0 or args.width <= 0:
         parser.error(f"--height/--width must be positive, got {args.height}x{args.width}")
+    if args.max_batch < 1 or args.max_size < args.min_size:
+        parser.error("need --max-batch >= 1 and --max-size >= --min-size")
     cfg = setup_cfg(args)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
@@ -116,20 +152,27 @@ def main(argv=None) -> int:
             args.width,
             opset=args.opset,
             normalized_input=args.normalized_input,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            max_batch=args.max_batch,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     values = "normalised" if args.normalized_input else "raw 0-255"
-    shape = (1, 3, args.height, args.width)
+    if DYNAMIC_EXPORT:
+        lo = max(args.min_size, MIN_SIDE)
+        shape = f"(1-{args.max_batch}, 3, {lo}-{args.max_size}, {lo}-{args.max_size})"
+    else:
+        shape = f"(2, 3, {args.height}, {args.width}), fixed (torch {torch.__version__})"
     print(f"Wrote {args.output}: input image {shape} float32, {values}, opset {args.opset}")
     if args.verify:
-        d = verify(cfg, wrapper, args.output, args)
-        print(
-            f"verify (onnxruntime vs PyTorch): max |diff| scores {d['scores']:.3g}, "
-            f"keypoints {d['keypoints']:.3g} px, boxes {d['boxes']:.3g} px "
-            f"({d['compared']} poses with untied scores compared)"
-        )
+        for sizes, d in verify(cfg, wrapper, args.output, args):
+            print(
+                f"verify {sizes} (onnxruntime vs PyTorch): max |diff| scores {d['scores']:.3g}, "
+                f"keypoints {d['keypoints']:.3g} px, boxes {d['boxes']:.3g} px "
+                f"({d['compared']} poses with untied scores compared)"
+            )
     return 0
 
 

@@ -8,7 +8,8 @@ It has two halves because Detectron2 splits them between the data loader and the
   Used by the dataset mapper's test branch, `PETRPredictor`, the TTA views and the ONNX predictor.
 - `batch_images` (device, a batch): normalisation, zero padding bottom/right to a common size
   (the official collate), the unpadded image sizes and the padding mask, as `PETRImages`. Used by
-  `PETR.preprocess_image` (every PyTorch route) and by the ONNX export wrapper.
+  `PETR.preprocess_image` (every PyTorch route). `batch_tensor` is the same for a batch that
+  arrives already padded, with a (B, 2) size tensor: the exported ONNX graph's input.
 """
 
 import functools
@@ -23,7 +24,14 @@ from torch import Tensor
 
 from .transforms import CV2ResizeTransform, rescale_size
 
-__all__ = ["PETRImages", "PETRPreprocessor", "batch_images", "padding_mask", "test_resize"]
+__all__ = [
+    "PETRImages",
+    "PETRPreprocessor",
+    "batch_images",
+    "batch_tensor",
+    "padding_mask",
+    "test_resize",
+]
 
 CHANNEL_ORDERS = ("BGR", "RGB")
 
@@ -103,7 +111,8 @@ class PETRImages:
     """A normalised, zero-padded batch: the network input.
 
     tensor (B, 3, H, W) float; image_sizes [(h, w)] the unpadded size of each image (Python
-    ints); padding_mask (B, H, W) bool, True on padding.
+    ints; a (B, 2) int64 tensor from `batch_tensor`); padding_mask (B, H, W) bool, True on
+    padding.
     """
 
     tensor: Tensor
@@ -132,19 +141,52 @@ def batch_images(
     if not len(images):
         raise ValueError("batch_images needs at least one image")
     device = pixel_mean.device if device is None else device
-    normed = [(im.to(device).float() - pixel_mean) / pixel_std for im in images]
+    normed = [_normalize(im.to(device), pixel_mean, pixel_std) for im in images]
     # No int(), no Python max() and no slice assignment on sizes: under torch.compile(dynamic)
     # they are symbolic, and int() would pin them (a graph per size), max() and `dst[:h] = img`
     # guard on which image is larger (a graph per order).
     sizes = [(im.shape[-2], im.shape[-1]) for im in normed]
-    d = max(int(size_divisibility), 1)
-    H = -(-functools.reduce(torch.sym_max, [h for h, _ in sizes]) // d) * d
-    W = -(-functools.reduce(torch.sym_max, [w for _, w in sizes]) // d) * d
+    H = _round_up(functools.reduce(torch.sym_max, [h for h, _ in sizes]), size_divisibility)
+    W = _round_up(functools.reduce(torch.sym_max, [w for _, w in sizes]), size_divisibility)
     if len(normed) == 1 and sizes[0] == (H, W):
         batch = normed[0][None]
     else:
         batch = torch.stack([F.pad(im, (0, W - w, 0, H - h)) for im, (h, w) in zip(normed, sizes)])
     return PETRImages(batch, sizes, padding_mask(batch, sizes))
+
+
+def _normalize(image: Tensor, pixel_mean: Tensor, pixel_std: Tensor) -> Tensor:
+    return (image.float() - pixel_mean) / pixel_std
+
+
+def _round_up(size, divisibility: int):
+    d = max(int(divisibility), 1)
+    return -(-size // d) * d
+
+
+def batch_tensor(
+    batch: Tensor,
+    image_sizes: Tensor,
+    pixel_mean: Tensor,
+    pixel_std: Tensor,
+    size_divisibility: int = 1,
+) -> PETRImages:
+    """`batch_images` for a batch that is already padded bottom/right: batch (B, 3, H, W) raw
+    values in INPUT.FORMAT order, image_sizes (B, 2) int64, the unpadded (h, w) of each image.
+    Tensor ops only, with no host read of a size, so B, H, W and the sizes stay dynamic in an
+    exported graph. Whatever the caller padded with, the padding becomes zeros after
+    normalisation, as `batch_images` pads, so both give the same network input."""
+    if batch.dim() != 4 or batch.shape[1] != 3:
+        raise ValueError(f"Expected a (B, 3, H, W) image batch, got {tuple(batch.shape)}")
+    if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
+        raise ValueError(f"Expected (B, 2) image_sizes, got {tuple(image_sizes.shape)}")
+    normed = _normalize(batch, pixel_mean, pixel_std)
+    if size_divisibility > 1:  # no pad op otherwise: the tracer (torch 2.3) would turn the
+        H, W = batch.shape[-2:]  # level sizes into tensors
+        pad_w, pad_h = _round_up(W, size_divisibility) - W, _round_up(H, size_divisibility) - H
+        normed = F.pad(normed, (0, pad_w, 0, pad_h))
+    mask = padding_mask(normed, image_sizes)
+    return PETRImages(normed.masked_fill(mask[:, None], 0.0), image_sizes, mask)
 
 
 def padding_mask(batch: Tensor, image_sizes) -> Tensor:

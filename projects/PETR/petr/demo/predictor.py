@@ -112,7 +112,7 @@ def _shrink_for_drawing(image, instances, scale):
 
 class VisualizationDemo:
     """Predict and draw poses on images and videos; the metadata (joint names, skeleton) comes
-    from cfg.DATASETS.TEST[0]."""
+    from cfg.DATASETS.TEST[0]. With `onnx_path`, predictions come from `PETRONNXPredictor`."""
 
     def __init__(
         self,
@@ -121,6 +121,7 @@ class VisualizationDemo:
         instance_mode=ColorMode.IMAGE,
         config_file=None,
         keypoint_threshold=_KEYPOINT_THRESHOLD,
+        onnx_path=None,
     ):
         self.metadata = MetadataCatalog.get(
             cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
@@ -128,7 +129,12 @@ class VisualizationDemo:
         self.confidence_threshold = confidence_threshold
         self.keypoint_threshold = keypoint_threshold
         self.instance_mode = instance_mode
-        self.predictor = PETRPredictor(cfg, config_file)  # checks the TEST dataset's keypoints
+        if onnx_path:  # an exported graph on onnxruntime, with no model code
+            from ..export.onnx_predictor import PETRONNXPredictor
+
+            self.predictor = PETRONNXPredictor(cfg, onnx_path)
+        else:
+            self.predictor = PETRPredictor(cfg, config_file)  # checks the TEST keypoints
 
     def run_on_image(self, image: np.ndarray, max_side=None) -> Tuple[dict, VisImage]:
         """image: (H, W, 3) uint8 BGR. Returns (predictions, the drawing as a VisImage (RGB)).

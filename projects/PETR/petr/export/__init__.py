@@ -1,5 +1,6 @@
 """Export of PETR inference to ONNX (see onnx_wrapper for the limits)."""
 
+from .onnx_predictor import PETRONNXPredictor
 from .onnx_wrapper import (
     PETRONNXWrapper,
     compare_predictions,
@@ -9,6 +10,7 @@ from .onnx_wrapper import (
 )
 
 __all__ = [
+    "PETRONNXPredictor",
     "PETRONNXWrapper",
     "compare_predictions",
     "export_petr_onnx",

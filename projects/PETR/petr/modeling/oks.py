@@ -32,10 +32,15 @@ def keypoint_oks(
 def pose_oks(
     anchors: torch.Tensor, poses: torch.Tensor, sigmas: torch.Tensor, areas: torch.Tensor
 ) -> torch.Tensor:
-    """COCO OKS between anchors (A, K, >=2) and poses (P, K, >=2), pixels, every joint counted.
-    sigmas (K,); areas (A,) the scale s^2 of each anchor. Returns (A, P) in [0, 1]."""
-    every_joint = torch.ones(anchors.shape[1], dtype=torch.bool, device=anchors.device)
+    """COCO OKS between anchors (..., A, K, >=2) and poses (..., P, K, >=2), pixels, every joint
+    counted. sigmas (K,); areas (..., A) the scale s^2 of each anchor. Leading dimensions (a
+    batch) broadcast. Returns (..., A, P) in [0, 1]."""
+    every_joint = torch.ones(anchors.shape[-2], dtype=torch.bool, device=anchors.device)
     eps = torch.finfo(anchors.dtype).eps  # pycocotools' np.spacing(1): zero area -> OKS 0 or 1
     return keypoint_oks(
-        anchors[:, None, :, :2], poses[None, :, :, :2], every_joint, areas[:, None] + eps, sigmas
+        anchors[..., :, None, :, :2],
+        poses[..., None, :, :, :2],
+        every_joint,
+        areas[..., :, None] + eps,
+        sigmas,
     )

@@ -24,17 +24,26 @@ def poses_to_instances(
     `pixel_offset` shifts the keypoints (see MODEL.PETR.OUTPUT_PIXEL_OFFSET)."""
     h, w = image_size
     out_h, out_w = output_size
-    x = (keypoints[..., 0] * w).clamp(min=0, max=w) * (out_w / w) + pixel_offset
-    y = (keypoints[..., 1] * h).clamp(min=0, max=h) * (out_h / h) + pixel_offset
-    return pose_instances(torch.stack([x, y], -1), scores, output_size, joint_scores)
+    xy = keypoints_to_pixels(keypoints, (h, w), (out_h / h, out_w / w), pixel_offset)
+    return pose_instances(xy, scores, output_size, joint_scores)
+
+
+def keypoints_to_pixels(keypoints: torch.Tensor, size, scale=(1.0, 1.0), pixel_offset=0.0):
+    """The back door's arithmetic, tensor ops only: the ONNX graph runs it with the per-image
+    sizes of a dynamic batch. keypoints (..., K, 2) normalised (x, y) by size = (h, w), the
+    unpadded network input size, each a number (one image) or a tensor broadcastable to
+    keypoints[..., 0] (a batch: (B, 1, 1)). Clamped to that image, multiplied by scale = (sy, sx)
+    (to the output image) and shifted by `pixel_offset`. Returns (..., K, 2) pixels."""
+    (h, w), (sy, sx) = size, scale
+    x = (keypoints[..., 0] * w).clamp(min=0).clamp(max=w) * sx + pixel_offset
+    y = (keypoints[..., 1] * h).clamp(min=0).clamp(max=h) * sy + pixel_offset
+    return torch.stack([x, y], -1)
 
 
 def keypoint_boxes(keypoints: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes (N, 4) of poses (N, K, >=2) pixels, over all joints."""
-    if keypoints.shape[0] == 0:
-        return keypoints.new_zeros(0, 4)
+    """Tight xyxy boxes (..., N, 4) of poses (..., N, K, >=2) pixels, over all joints."""
     xy = keypoints[..., :2]
-    return torch.cat([xy.amin(1), xy.amax(1)], -1)
+    return torch.cat([xy.amin(-2), xy.amax(-2)], -1)
 
 
 def pose_instances(
@@ -66,13 +75,23 @@ def oks_nms(keypoints: torch.Tensor, scores: torch.Tensor, sigmas: torch.Tensor,
     order = scores.argsort(descending=True, stable=True)
     if order.numel() <= 1:
         return order
-    kpts = keypoints[order, :, :2].float()
+    return order[~oks_suppressed(keypoints[order], sigmas, threshold)]
+
+
+def oks_suppressed(keypoints: torch.Tensor, sigmas: torch.Tensor, threshold: float):
+    """The fixed-shape core of `oks_nms`: poses (..., N, K, >=2) pixels, already sorted by
+    decreasing score. Returns (..., N) bool, True where greedy OKS-NMS drops the pose. Used
+    as is by the ONNX graph, which zeroes the scores of the dropped poses."""
+    kpts = keypoints[..., :2].float()
     box = keypoint_boxes(kpts)
-    wh = box[:, 2:] - box[:, :2]
-    oks = pose_oks(kpts, kpts, sigmas.to(kpts), wh[:, 0] * wh[:, 1])  # (N, N), row = kept pose
-    suppressed = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+    wh = box[..., 2:] - box[..., :2]
+    oks = pose_oks(kpts, kpts, sigmas.to(kpts), wh[..., 0] * wh[..., 1])  # row = kept pose
+    n = kpts.shape[-3]
+    suppressed = [torch.zeros_like(oks[..., 0, 0], dtype=torch.bool)]
     # Tensor ops only (no `if suppressed[i]`): a suppressed pose suppresses nothing, and no
-    # value is read on the host until the final (data-dependent) selection.
-    for i in range(len(order) - 1):
-        suppressed[i + 1 :] |= (oks[i, i + 1 :] > threshold) & ~suppressed[i]
-    return order[~suppressed]
+    # value is read on the host. Pose j is dropped by any kept pose i < j that overlaps it.
+    for j in range(1, n):
+        kept = ~torch.stack(suppressed, -1)  # (..., j)
+        hit = (oks[..., :j, j] > threshold) & kept
+        suppressed.append(hit.any(-1))
+    return torch.stack(suppressed, -1)
