@@ -25,6 +25,7 @@ from petr.export.onnx_wrapper import (
     run_onnxruntime,
     run_reference,
 )
+from petr.export.quantize import quantize_int8
 
 EPILOG = f"""\
 Limits:
@@ -72,6 +73,12 @@ def build_parser():
         help="run the exported graph in onnxruntime on a random image and compare with PyTorch",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --verify image")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="also write OUTPUT with suffix _int8: dynamic int8 weights (petr.export.quantize)",
+    )
     parser.add_argument(
         "--opts",
         default=[],
@@ -130,6 +137,10 @@ def main(argv=None) -> int:
             f"keypoints {d['keypoints']:.3g} px, boxes {d['boxes']:.3g} px "
             f"({d['compared']} poses with untied scores compared)"
         )
+    if args.quantize:
+        path = args.output.removesuffix(".onnx") + "_int8.onnx"
+        q = quantize_int8(args.output, path)
+        print(f"Wrote {path}: {q['quantized']} nodes int8, {len(q['kept_fp32'])} kept fp32")
     return 0
 
 
