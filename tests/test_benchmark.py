@@ -70,10 +70,22 @@ def test_training_table_with_batch(tiny_config):
     _check_row(rows[0], "train", "fp32", 2)
 
 
-def test_bf16_autocast_inference_on_cpu(tiny_config):
-    rc, out = _run(tiny_config, "--precisions", "bf16")
+@pytest.mark.slow  # four models in two processes
+def test_bf16_rows_carry_the_fp32_baseline_of_the_same_process(tiny_config):
+    # bf16 runs through the model's TEST.AMP, alternating with an fp32 copy; Keypoint R-CNN
+    # under the same autocast; the compiled bf16 model against the fp32 eager one
+    extra = ["--compile", "--compile-backend", "eager", "--compare", "keypoint_rcnn"]
+    rc, out = _run(tiny_config, "--precisions", "fp32", "bf16", *extra, "--kpt-boxes", "3")
     assert rc == 0, out
-    _check_row(_rows(out)[0], "inference", "bf16", 1)
+    fp32, bf16 = _rows(out)
+    assert len(fp32) == len(bf16) == 21
+    for row, precision in ((fp32, "fp32"), (bf16, "bf16")):
+        _check_row(row[:11], "inference", precision, 1)
+        eager_ms, compiled_ms = float(row[5].split()[0]), float(row[11].split()[0])
+        base_ms, eager_x, compiled_x = float(row[18].split()[0]), float(row[19]), float(row[20])
+        assert eager_x == pytest.approx(base_ms / eager_ms, rel=0.02, abs=0.006)
+        assert compiled_x == pytest.approx(base_ms / compiled_ms, rel=0.02, abs=0.006)
+    assert fp32[18] == fp32[5] and fp32[19] == "1.00"  # an fp32 row is its own baseline
 
 
 def test_failed_measurement_is_reported_in_the_table(tiny_config):

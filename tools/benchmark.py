@@ -9,6 +9,8 @@
     python tools/benchmark.py --config-file configs/petr_R50.yaml --compare joint_scores
     python tools/benchmark.py --config-file configs/petr_R50.yaml --devices cuda \
         --precisions fp32 bf16 --compile                                     # GPU check
+    python tools/benchmark.py --config-file configs/petr_R50.yaml --devices cpu \
+        --precisions fp32 bf16 --compile --compare keypoint_rcnn    # precisions (README)
 
 Each (device, precision) pair is measured in a fresh subprocess (petr.benchmark.measure) on
 synthetic inputs of --height x --width pixels (training: random people), after --warmup untimed
@@ -34,7 +36,9 @@ Columns: ms/iter is the mean over the timed iterations (min in brackets); ms/img
 batch. Peak memory: on CUDA torch.cuda.max_memory_allocated (weights included); on CPU the
 increase of the process's peak RSS (ru_maxrss) over its value once the model was built, i.e.
 the activations, gradients and optimiser state of the measured iterations.
-Precisions are autocast over an fp32 model; fp16 only on CUDA.
+Precisions are autocast over an fp32 model; fp16 only on CUDA. Inference in fp16/bf16 is the
+model's own TEST.AMP (as --eval-only and the demo run it), timed alternating with an fp32 copy
+of the model in the same process: "x fp32" = fp32 eager ms / this row's eager (or compiled) ms.
 compiled static / dynamic: torch.compile(model, mode=--compile-mode, dynamic=False / True) on the
 same weights (--compile-shapes); "compile s" is its first call (compilation included: static
 compiles again for every input size, dynamic once for all sizes); "x eager" = eager ms /
@@ -211,6 +215,10 @@ def format_table(args, rows) -> str:
         header += " Keypoint R-CNN ms/iter (min) | boxes | PETR / KRCNN |"
         if shapes:
             header += f" compiled {shapes[0]} / KRCNN |"
+    vs_fp32 = not args.train and any(p != "fp32" for (_, p), _ in rows)
+    if vs_fp32:
+        header += " fp32 eager ms/iter (min) | eager x fp32 |"
+        header += "".join(f" compiled {shape} x fp32 |" for shape in shapes)
     width = header.count("|") - 1
     lines = [header, "|" + "---|" * width]
     size = f"{args.height}x{args.width}"
@@ -236,6 +244,11 @@ def format_table(args, rows) -> str:
             line += f" {_ms(k)} | {k['boxes']:.0f} | {r['ms_per_iter'] / k['ms_per_iter']:.2f} |"
             if shapes:
                 line += f" {r['compiled'][shapes[0]]['ms_per_iter'] / k['ms_per_iter']:.2f} |"
+        if vs_fp32:
+            base = r.get("eager_fp32", r)  # an fp32 row is its own baseline
+            line += f" {_ms(base)} | {base['ms_per_iter'] / r['ms_per_iter']:.2f} |"
+            for shape in shapes:
+                line += f" {base['ms_per_iter'] / r['compiled'][shape]['ms_per_iter']:.2f} |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ from petr.export.onnx_wrapper import (
     run_onnxruntime,
     run_reference,
 )
+from petr.export.quantize import quantize_int8
 
 EPILOG = f"""\
 Limits:
@@ -83,6 +84,12 @@ def build_parser():
         help="compare onnxruntime with PyTorch at 3 other sizes and on a padded batch of 2",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --verify image")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="also write OUTPUT with suffix _int8: dynamic int8 weights (petr.export.quantize)",
+    )
     parser.add_argument(
         "--opts",
         default=[],
@@ -173,6 +180,10 @@ def main(argv=None) -> int:
                 f"keypoints {d['keypoints']:.3g} px, boxes {d['boxes']:.3g} px "
                 f"({d['compared']} poses with untied scores compared)"
             )
+    if args.quantize:
+        path = args.output.removesuffix(".onnx") + "_int8.onnx"
+        q = quantize_int8(args.output, path)
+        print(f"Wrote {path}: {q['quantized']} nodes int8, {len(q['kept_fp32'])} kept fp32")
     return 0
 
 

@@ -268,3 +268,32 @@ def _add_test_config(cfg):
     a.SOFT_NMS_IOU_THRESH = 0.5
     a.SOFT_NMS_MIN_SCORE = 1e-3
     a.MATCH_OKS_THRESH = 0.5  # "oks_average": lower-OKS pairs stay separate poses
+    # Reduced-precision inference (mirrors SOLVER.AMP): the model's inference path (--eval-only,
+    # predictor and demo, TTA, benchmark) runs under torch.autocast with DTYPE on the model's
+    # device; outputs stay float32 and deformable attention samples in float32. "float16"
+    # needs CUDA; "bfloat16" also runs on CPUs (fast with AVX-512 BF16 / AMX).
+    cfg.TEST.AMP = CN()
+    cfg.TEST.AMP.ENABLED = False
+    cfg.TEST.AMP.DTYPE = "bfloat16"  # or "float16"
+
+
+TEST_AMP_DTYPES = ("bfloat16", "float16")
+
+
+def inference_autocast_dtype(cfg):
+    """The autocast dtype TEST.AMP asks for (torch.bfloat16 / torch.float16), or None when
+    TEST.AMP.ENABLED is False. Raises a ValueError naming the key for an unknown dtype, and for
+    float16 when MODEL.DEVICE is not CUDA (CPU autocast is bfloat16)."""
+    import torch
+
+    if not cfg.TEST.AMP.ENABLED:
+        return None
+    name = cfg.TEST.AMP.DTYPE
+    if name not in TEST_AMP_DTYPES:
+        raise ValueError(f"TEST.AMP.DTYPE={name!r}: use one of {', '.join(TEST_AMP_DTYPES)}")
+    if name == "float16" and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ValueError(
+            f"TEST.AMP.DTYPE=float16 needs CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}: "
+            "use TEST.AMP.DTYPE bfloat16 on CPU"
+        )
+    return getattr(torch, name)

@@ -3,16 +3,17 @@
 Run as `python -m petr.benchmark.measure '<json spec>'` in a fresh process per measurement, so
 that the process's peak RSS (ru_maxrss) belongs to that measurement alone; prints one JSON line.
 Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("fp32" | "fp16"
-| "bf16", autocast), height, width, batch_size, warmup, iters; optional compile (bool),
-compile_mode (torch.compile mode, default MODEL.PETR.COMPILE.MODE), compile_backend
-(default "inductor"), compile_shapes (a list of "static" | "dynamic": torch.compile's
-dynamic=False / True, one compiled model each; default MODEL.PETR.COMPILE.DYNAMIC's),
-compare ("keypoint_rcnn")
-kpt_boxes (person boxes per image for Keypoint R-CNN's keypoint head, default 20) and stages
-(bool: also time each stage of the eager model).
+| "bf16": inference through the model's TEST.AMP, training under torch.autocast), height,
+width, batch_size, warmup, iters; optional compile (bool), compile_mode (torch.compile mode,
+default MODEL.PETR.COMPILE.MODE), compile_backend (default "inductor"), compile_shapes (a list
+of "static" | "dynamic": torch.compile's dynamic=False / True, one compiled model each; default
+MODEL.PETR.COMPILE.DYNAMIC's), compare ("keypoint_rcnn" | "joint_scores"), kpt_boxes (person
+boxes per image for Keypoint R-CNN's keypoint head, default 20) and stages (bool: also time
+each stage of the eager model).
 """
 
 import contextlib
+import copy
 import functools
 import json
 import resource
@@ -36,6 +37,7 @@ __all__ = ["PEOPLE_PER_IMAGE", "deform_attn_backend", "run_measurement", "synthe
 
 PEOPLE_PER_IMAGE = 5  # synthetic training targets per image (COCO train averages ~3 with joints)
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TEST_AMP_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # TEST.AMP.DTYPE of a precision
 
 
 def deform_attn_backend(device_type: str) -> str:
@@ -57,7 +59,11 @@ def synthetic_batch(
 
 
 def _build(spec: Dict):
-    cfg = get_petr_cfg(spec["config_file"], spec.get("opts", []))
+    """The model as a user runs it: fp16/bf16 inference is the model's own TEST.AMP."""
+    opts = list(spec.get("opts", []))
+    if spec["mode"] == "inference" and spec["precision"] != "fp32":
+        opts += ["TEST.AMP.ENABLED", "True", "TEST.AMP.DTYPE", TEST_AMP_DTYPES[spec["precision"]]]
+    cfg = get_petr_cfg(spec["config_file"], opts)
     cfg.MODEL.DEVICE = spec["device"]
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
@@ -106,8 +112,8 @@ def _steps(spec: Dict, cfg, model):
     autocast = _autocast(device, precision)
     if not train:
 
-        def step(module):
-            with torch.no_grad(), autocast:
+        def step(module):  # the precision is the model's TEST.AMP (see _build)
+            with torch.no_grad():
                 return module(batch)
 
         return batch, step
@@ -149,7 +155,9 @@ def run_measurement(spec: Dict) -> Dict:
     backend and, with spec "stages", "stages" (mean ms per stage); "compiled" maps "static" /
     "dynamic" to the ms_per_iter, ms_per_iter_min and compile_s (the first call) of that
     compiled model; "keypoint_rcnn" holds ms_per_iter, ms_per_iter_min and boxes (the mean
-    person boxes per image its keypoint head ran on)."""
+    person boxes per image its keypoint head ran on); for fp16/bf16 inference, an fp32 copy
+    of the model is timed alongside (the baseline of the speed-up): "eager_fp32" holds its
+    ms_per_iter and ms_per_iter_min."""
     device, precision, train = spec["device"], spec["precision"], spec["mode"] == "train"
     if precision not in ("fp32", *AUTOCAST_DTYPES):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
@@ -166,6 +174,10 @@ def run_measurement(spec: Dict) -> Dict:
     model.train(train)
     batch, step = _steps(spec, cfg, model)
     runners = {"eager": lambda: step(model)}
+    if not train and precision != "fp32":
+        fp32_model = copy.deepcopy(model)  # before compiling: the same weights, TEST.AMP off
+        fp32_model.autocast_dtype = None
+        runners["eager_fp32"] = lambda: step(fp32_model)
     if spec.get("compile"):
         backend = spec.get("compile_backend", "inductor")
         mode = (
@@ -240,6 +252,8 @@ def run_measurement(spec: Dict) -> Dict:
         }
     if compare == "joint_scores":
         result["joint_scores_none"] = {**_stats(times["joint_scores_none"]), "mode": joint_mode}
+    if "eager_fp32" in runners:
+        result["eager_fp32"] = _stats(times["eager_fp32"])
     if compare == "keypoint_rcnn":
         result["keypoint_rcnn"] = {
             **_stats(times["keypoint_rcnn"]),

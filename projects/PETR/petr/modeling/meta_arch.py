@@ -8,6 +8,7 @@ without its criterion (`criterion=None`) predicts the same.
 Follows the official implementation (hikvision-research/opera, PETR / PETRHead / PETRTransformer).
 """
 
+import dataclasses
 from typing import Dict, List
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 
+from ..config import inference_autocast_dtype
 from ..data.metadata import KeypointSpec, keypoint_spec
 from ..data.preprocess import PETRImages, batch_images
 from .backbone.channel_mapper import PETRChannelMapper
@@ -61,7 +63,10 @@ class PETR(nn.Module):
         output_pixel_offset: float = 0.0,
         oks_nms_thresh: float = 0.0,
         joint_scores: str = "heatmap",
+        autocast_dtype: torch.dtype | None = None,
     ):
+        """autocast_dtype: TEST.AMP's torch.bfloat16 / torch.float16 for `inference`, or None
+        (float32)."""
         super().__init__()
         self.backbone = backbone
         self.neck = neck
@@ -90,6 +95,9 @@ class PETR(nn.Module):
                 f"MODEL.PETR.JOINT_SCORES must be one of {JOINT_SCORES}, got {joint_scores!r}"
             )
         self.joint_scores = joint_scores
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype must be None, bfloat16 or float16: {autocast_dtype}")
+        self.autocast_dtype = autocast_dtype
         sigmas = torch.tensor(keypoint_spec.oks_sigmas or (), dtype=torch.float32)
         self.register_buffer("oks_sigmas", sigmas, False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -171,6 +179,7 @@ class PETR(nn.Module):
             "output_pixel_offset": p.OUTPUT_PIXEL_OFFSET,
             "oks_nms_thresh": p.OKS_NMS_THRESH_TEST,
             "joint_scores": p.JOINT_SCORES,
+            "autocast_dtype": inference_autocast_dtype(cfg),
         }
 
     @property
@@ -266,6 +275,31 @@ class PETR(nn.Module):
             joint_scores = self.heatmap_head.joint_scores(enc, keypoints)  # (B, k, K)
         return PETRPredictions(scores, keypoints, joint_scores)
 
+    def predict_autocast(self, images: PETRImages) -> PETRPredictions:
+        """`predict` under torch.autocast(self.autocast_dtype) on the model's device (TEST.AMP),
+        with float32 results; plain `predict` when autocast_dtype is None. Every route through
+        `forward` (--eval-only, predictor, TTA, benchmark) comes here; the ONNX export calls
+        `predict` itself and stays float32."""
+        if self.autocast_dtype is None:
+            return self.predict(images)
+        device_type = self.device.type
+        if self.autocast_dtype == torch.float16 and device_type != "cuda":
+            raise ValueError(
+                f"TEST.AMP.DTYPE=float16 needs CUDA, but the model is on {device_type}: "
+                "use TEST.AMP.DTYPE bfloat16"
+            )
+        with torch.autocast(device_type, dtype=self.autocast_dtype):
+            predictions = self.predict(images)
+        return dataclasses.replace(
+            predictions,
+            **{
+                f.name: getattr(predictions, f.name).float()
+                for f in dataclasses.fields(predictions)
+                if torch.is_tensor(getattr(predictions, f.name))
+                and getattr(predictions, f.name).is_floating_point()
+            },
+        )
+
     def postprocess(self, predictions: PETRPredictions, batched_inputs, image_sizes):
         """The back door: `PETRPredictions` (keypoints normalised by `image_sizes`, the unpadded
         network input size (h, w) of each image) -> [{"instances": Instances}] in pixels of each
@@ -290,9 +324,9 @@ class PETR(nn.Module):
         return results
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
-        """Front door -> predict -> back door (see `forward`)."""
+        """Front door -> predict (under TEST.AMP's autocast) -> back door (see `forward`)."""
         images = self.preprocess_image(batched_inputs)
-        predictions = self.predict(images)
+        predictions = self.predict_autocast(images)
         if not do_postprocess:
             return predictions, images.image_sizes
         return self.postprocess(predictions, batched_inputs, images.image_sizes)
