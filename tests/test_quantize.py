@@ -19,7 +19,6 @@ from petr.export.quantize import (
     DEFAULT_OPS,
     QUANTIZED_OPS,
     SENSITIVE_MODULES,
-    _padded_input,
     evaluate_onnx,
     node_module,
     onnx_latency,
@@ -61,18 +60,6 @@ def test_node_module_reads_both_exporters():
     assert node_module(dynamo) == "model.encoder.layers.0.self_attn.sampling_offsets"
     traced = helper.make_node("Gemm", ["a", "b"], ["c"], name="/model/proposals/kpt_head.0/Gemm")
     assert node_module(traced) == "model.proposals.kpt_head.0.Gemm"
-
-
-def test_padded_input_pads_with_the_pixel_mean():
-    image = np.full((3, 4, 5), 7, np.uint8)
-    mean = np.array([1.0, 2.0, 3.0], np.float32)
-    out = _padded_input(image, [1, 3, 6, 8], mean)
-    assert out.shape == (1, 3, 6, 8) and out.dtype == np.float32
-    assert (out[0, :, :4, :5] == 7).all()
-    assert (out[0, 2, 4:] == 3).all() and (out[0, 0, :, 5:] == 1).all()
-    assert _padded_input(image, [1, 3, "h", "w"], mean).shape == (1, 3, 4, 5)  # dynamic graph
-    with pytest.raises(ValueError, match="larger than the graph's fixed input 3x8"):
-        _padded_input(image, [1, 3, 3, 8], mean)
 
 
 @pytest.mark.slow  # shares a ~1 min ONNX export
