@@ -38,17 +38,23 @@ class PETRHeatmapHead(nn.Module):
         """Returns logits (B, K, H0, W0) at the first (stride-8) level and its padding mask
         (B, H0, W0), True on padding."""
         h, w = enc.spatial_shapes[0]
+        x, mask = self._stride8_tokens(enc, self.layers)
+        B = x.shape[0]
+        logits = self.predictor(x).view(B, h, w, -1).permute(0, 3, 1, 2)
+        return logits, mask.view(B, h, w)
+
+    def _stride8_tokens(self, enc: EncoderMemory, layers):
+        """The stride-8 tokens (B, H0*W0, C) after `layers`, and their padding mask."""
+        h, w = enc.spatial_shapes[0]
         n = h * w
         x = enc.memory[:, :n]
         mask = enc.padding_mask[:, :n]
         ref = enc.reference_points[:, :n, :1]  # (B, H0*W0, 1, 2)
         shapes = enc.spatial_shapes[:1]
         start = enc.level_start_index[:1]
-        for layer in self.layers:
+        for layer in layers:
             x = layer(x, None, ref, shapes, start, mask)
-        B = x.shape[0]
-        logits = self.predictor(x).view(B, h, w, -1).permute(0, 3, 1, 2)
-        return logits, mask.view(B, h, w)
+        return x, mask
 
     def joint_scores(
         self, enc: EncoderMemory, keypoints: torch.Tensor, full_map: bool | None = None
@@ -84,14 +90,12 @@ class PETRHeatmapHead(nn.Module):
         grid_sample's bilinear weights, with its border clamp, combine their 4 logits."""
         B, N, K, _ = xy.shape
         h, w = enc.spatial_shapes[0]
-        n = h * w
-        x = enc.memory[:, :n]
-        mask = enc.padding_mask[:, :n]
+        # earlier layers feed the last one's values everywhere
+        x, mask = self._stride8_tokens(enc, self.layers[:-1])
+        n = x.shape[1]
         ref = enc.reference_points[:, :n, :1]  # (B, H0*W0, 1, 2)
         shapes = enc.spatial_shapes[:1]
         start = enc.level_start_index[:1]
-        for layer in self.layers[:-1]:  # earlier layers feed the last one's values everywhere
-            x = layer(x, None, ref, shapes, start, mask)
         last = level_sizes_wh(shapes, xy)[0] - 1  # (W0 - 1, H0 - 1)
         # grid_sample(align_corners=False, border): cell coordinate xy * size - 0.5, clamped
         p = torch.minimum((xy * (last + 1) - 0.5).clamp(min=0.0), last)
