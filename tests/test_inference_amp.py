@@ -145,10 +145,11 @@ def test_onnx_wrapper_stays_float32():
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     image = torch.randint(0, 256, (1, 3, 96, 128)).float()
+    sizes = torch.tensor([[96, 128]])
     wrapper = PETRONNXWrapper(model).eval()
     with torch.no_grad():
-        ref = wrapper(image)
+        ref = wrapper(image, sizes)
         model.autocast_dtype = torch.bfloat16
-        out = wrapper(image)
+        out = wrapper(image, sizes)
     for a, b in zip(ref, out):
         assert torch.equal(a, b)
