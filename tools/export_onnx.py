@@ -38,7 +38,7 @@ Limits:
     --width only choose the traced example. Resize with the test resize (petr.export's
     PETRONNXPredictor does) and pad a batch bottom/right; the padding mask is built in-graph from
     image_sizes, so padding is never seen as image content.
-  * torch < 2.6 (the floor stack, torch 2.3): the TorchScript tracer freezes the batch (2) and
+  * torch < 2.6 (the floor stack, torch 2.3): the TorchScript tracer freezes the batch (1) and
     H x W at --height x --width; onnxruntime rejects other shapes. Not verified at the last
     change (see the README's Deployment section).
   * Deformable attention is exported through the pure-PyTorch reference (one GridSample per
@@ -100,11 +100,12 @@ def build_parser():
 
 
 def verify_cases(args):
-    """(h, w) lists to verify: 3 single images of sizes other than the export size (when the
-    export is dynamic) and a padded batch of 2 images of different sizes."""
+    """(h, w) lists to verify: 3 single images of sizes other than the export size and a padded
+    batch of 2 images of different sizes (dynamic export), or the one fixed size (the floor
+    stack's traced graph)."""
     h, w = args.height, args.width
     if not DYNAMIC_EXPORT:
-        return [[(h, w), (max(h - 16, 1), w)]]
+        return [[(h, w)]]
     lo, hi = max(args.min_size, MIN_SIDE), args.max_size
 
     def fit(a, b):

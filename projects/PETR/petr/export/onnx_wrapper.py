@@ -126,10 +126,11 @@ def export_petr_onnx(
     max_size: int = 2048,
     max_batch: int = 64,
 ) -> PETRONNXWrapper:
-    """Export `model` (a PETR; moved to CPU and set to eval in place) to `path`, traced on a
-    padded batch of 2 images of about height x width. With DYNAMIC_EXPORT the graph serves any
-    B in [1, max_batch] and H, W in [min_size, max_size]; otherwise B, H and W are frozen at
-    (2, height, width). Returns the exported wrapper (for comparisons). Raises ValueError for
+    """Export `model` (a PETR; moved to CPU and set to eval in place) to `path`. With
+    DYNAMIC_EXPORT it is traced on a padded batch of 2 images of about height x width and serves
+    any B in [1, max_batch] and H, W in [min_size, max_size]; otherwise (torch < 2.6, the
+    TorchScript tracer) it is traced on one height x width image and B, H and W are frozen at
+    (1, height, width). Returns the exported wrapper (for comparisons). Raises ValueError for
     opset < 16, a size outside the bounds, or a size the model refuses."""
     _check_opset(opset)
     if min(height, width) < 1 or min_size < 1:
@@ -141,9 +142,11 @@ def export_petr_onnx(
     # eval() on the wrapper itself: export restores the wrapper's mode afterwards, and a wrapper
     # left in training mode would switch the wrapped model's dropout back on.
     wrapper = PETRONNXWrapper(model.cpu(), normalized_input).eval()
-    # Two images of different sizes, so that neither the batch nor the padding specialises.
+    # Two images of different sizes, so that neither the batch nor the padding specialises; the
+    # tracer freezes whatever it sees, so it gets the one image size a fixed graph serves.
     small = (max(height - 16, min(height, max(min_size, MIN_SIDE))), width)
-    args = _dummy([(height, width), small], normalized_input)
+    sizes = [(height, width), small] if DYNAMIC_EXPORT else [(height, width)]
+    args = _dummy(sizes, normalized_input)
     with deform_attn_backend("reference"), torch.no_grad():
         # One eager run first: the model's own errors (e.g. too few encoder tokens) surface as
         # they are instead of wrapped in the exporter's errors.
