@@ -35,6 +35,10 @@ class PETRONNXPredictor:
                 f"{onnx_path}: inputs {names}, expected {INPUT_NAMES} (export it again with "
                 "tools/export_onnx.py)"
             )
+        # A fixed-size graph (the floor stack's traced export) gets each image padded to its size;
+        # its in-graph padding mask (from image_sizes) keeps the padding out of the attention.
+        shape = self.session.get_inputs()[0].shape
+        self.fixed_hw = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else None
         self.preprocessor = PETRPreprocessor(cfg)
         self.pixel_offset = cfg.MODEL.PETR.OUTPUT_PIXEL_OFFSET
         self.oks_nms = cfg.MODEL.PETR.OKS_NMS_THRESH_TEST > 0
@@ -45,6 +49,11 @@ class PETRONNXPredictor:
         inputs = self.preprocessor(original_image, "BGR")
         image = inputs["image"].numpy().astype(np.float32)[None]
         h, w = image.shape[-2:]
+        if self.fixed_hw is not None:
+            H, W = self.fixed_hw
+            if h > H or w > W:
+                raise ValueError(f"a {h}x{w} input does not fit the graph's fixed {H}x{W}")
+            image = np.pad(image, ((0, 0), (0, 0), (0, H - h), (0, W - w)))
         feeds = {"image": image, "image_sizes": np.array([[h, w]], dtype=np.int64)}
         out = dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
         scores = torch.from_numpy(out["scores"][0])
