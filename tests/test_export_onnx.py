@@ -217,8 +217,8 @@ def exported(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.skipif(
     not onnx_wrapper.DYNAMIC_EXPORT,
-    reason="torch < 2.6: the TorchScript tracer hands the level sizes to ms_deform_attn as 0-d "
-    "tensors, which its input check refuses (open: the floor stack's fixed-size export)",
+    reason="torch < 2.6: the TorchScript tracer exports one fixed size and batch 1, not the "
+    "dynamic graph this test checks (tests/test_quantize.py exports a fixed graph there)",
 )
 def test_cli_exports_one_graph_for_every_size_and_batch(exported):
     """--verify passes at 3 other sizes and on a padded batch; onnxruntime then matches

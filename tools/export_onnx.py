@@ -39,8 +39,8 @@ Limits:
     PETRONNXPredictor does) and pad a batch bottom/right; the padding mask is built in-graph from
     image_sizes, so padding is never seen as image content.
   * torch < 2.6 (the floor stack, torch 2.3): the TorchScript tracer freezes the batch (1) and
-    H x W at --height x --width; onnxruntime rejects other shapes. Not verified at the last
-    change (see the README's Deployment section).
+    H x W at --height x --width; onnxruntime rejects other shapes (PETRONNXPredictor pads
+    each image to that size; the in-graph mask from image_sizes keeps the padding out).
   * Deformable attention is exported through the pure-PyTorch reference (one GridSample per
     level), never the compiled petr._C kernel; GridSample needs opset >= {MIN_OPSET}.
   * MODEL.PETR.OKS_NMS_THRESH_TEST > 0: OKS-NMS runs in-graph with fixed shapes; suppressed
