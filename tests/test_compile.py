@@ -34,6 +34,24 @@ def test_unknown_compile_mode_is_rejected():
         PETRTrainer.build_model(cfg)
 
 
+@pytest.mark.parametrize("has_custom_op", [True, False])
+def test_dynamic_compile_is_asked_only_where_torch_can_honour_it(monkeypatch, has_custom_op):
+    """torch < 2.4 compiles one graph per size whatever DYNAMIC says (see modeling/compile.py)."""
+    import petr.modeling.compile as compile_module
+
+    asked = {}
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(model, "compile", lambda **kwargs: asked.update(kwargs))
+    monkeypatch.setattr(compile_module, "HAS_CUSTOM_OP", has_custom_op)
+    cfg = opera_tiny_cfg()
+    cfg.MODEL.PETR.COMPILE.ENABLED = True
+    assert compile_model(model, cfg) is model
+    assert asked == {"mode": "default", "dynamic": has_custom_op}
+    cfg.MODEL.PETR.COMPILE.DYNAMIC = False
+    compile_model(model, cfg)
+    assert asked["dynamic"] is False
+
+
 @pytest.mark.slow
 def test_compiled_model_matches_the_official_outputs(tmp_path):
     weights = str(tmp_path / "petr_tiny_d2.pth")

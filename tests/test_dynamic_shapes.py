@@ -80,6 +80,9 @@ def test_deform_attn_op_keeps_level_sizes_symbolic_under_export():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not HAS_CUSTOM_OP, reason="torch < 2.4: the kernel breaks the graph; DYNAMIC is not honoured"
+)
 def test_dynamic_compile_serves_twelve_sizes_with_two_graphs():
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
