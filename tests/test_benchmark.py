@@ -169,3 +169,16 @@ def test_compile_key_in_the_config_adds_the_compiled_column(tiny_config):
     assert rc == 0, out
     (row,) = _rows(out)
     assert len(row) == 14 and float(row[11].split()[0]) > 0  # compiled ms/iter
+
+
+def test_backends_refuse_what_they_do_not_time(tiny_config, capsys):
+    tool = _load_tool()
+    for extra, message in [
+        (["--train"], "fp32 inference only"),
+        (["--precisions", "bf16"], "CPU in fp32"),
+        (["--batch-size", "2"], "--batch-size 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            tool.main(["--config-file", tiny_config, "--backends", "onnxruntime", *extra])
+        assert message in capsys.readouterr().err, extra

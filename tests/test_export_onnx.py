@@ -289,3 +289,44 @@ def test_onnx_predictor_and_demo_match_petr_predictor(exported, tmp_path):
     argv = ["--config-file", config, "--onnx", path, "--input", str(tmp_path / "person.png")]
     assert load_tool("demo").main(argv + ["--output", str(out / "person.png")]) == 0
     assert cv2.imread(str(out / "person.png")).shape == image.shape
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not onnx_wrapper.DYNAMIC_EXPORT, reason="the floor stack's graph is fixed")
+def test_backends_benchmark_times_the_exported_graph_against_eager_pytorch(exported, monkeypatch):
+    """benchmark --backends: onnxruntime runs the computation eager PyTorch runs (same scores on
+    the same input), and its memory is measured in a process that never imports torch."""
+    import shutil
+
+    import petr.export
+    from petr.benchmark.backends import run_backends
+
+    _, _, config, path, _ = exported
+    exports = []  # the export itself is test_cli_exports_one_graph_for_every_size_and_batch's
+
+    def reuse_export(model, out, height, width):
+        exports.append((height, width))
+        assert os.path.basename(out) == os.path.basename(path)  # the weights file's name follows
+        for suffix in ("", ".data"):  # the exporter keeps the weights in petr.onnx.data
+            if os.path.exists(path + suffix):
+                shutil.copy(path + suffix, out + suffix)
+
+    monkeypatch.setattr(petr.export, "export_petr_onnx", reuse_export)
+    spec = dict(config_file=config, opts=[], height=H, width=W, warmup=1, iters=2, threads=1)
+    result = run_backends(spec)
+    assert exports == [(H, W)]
+    ort, pt = result["onnxruntime"], result["torch"]
+    assert ort["max_score_diff"] < SCORE_ATOL
+    assert not ort["torch_imported"] and pt["torch_imported"]
+    for r in (ort, pt):
+        assert 0 < r["ms_min"] <= r["ms"]
+        assert r["peak_rss_mib"] > r["import_rss_mib"] > 0
+    tool = load_tool("benchmark")
+    args = tool.build_parser().parse_args(
+        ["--config-file", config, "--height", str(H), "--width", str(W), "--threads", "1"]
+    )
+    rows = [ln.split("|")[1:-1] for ln in tool.format_backends(args, result).splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["torch", "onnxruntime"]
+    speed, mem = float(rows[1][4]), float(rows[1][6])
+    assert speed == pytest.approx(pt["ms"] / ort["ms"], abs=0.01)
+    assert mem == pytest.approx(ort["peak_rss_mib"] / pt["peak_rss_mib"], abs=0.01)

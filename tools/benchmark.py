@@ -11,6 +11,8 @@
         --precisions fp32 bf16 --compile                                     # GPU check
     python tools/benchmark.py --config-file configs/petr_R50.yaml --devices cpu \
         --precisions fp32 bf16 --compile --compare keypoint_rcnn    # precisions (README)
+    python tools/benchmark.py --config-file configs/petr_R50.yaml --backends torch onnxruntime \
+        --threads 2                                    # eager PyTorch vs onnxruntime (README)
 
 Each (device, precision) pair is measured in a fresh subprocess (petr.benchmark.measure) on
 synthetic inputs of --height x --width pixels (training: random people), after --warmup untimed
@@ -20,6 +22,9 @@ model (torch.compile; --compile-shapes static and/or dynamic) and with --compare
 Detectron2's Keypoint R-CNN R50-FPN are timed in the same process, alternating with the eager
 model, so the ratios see the same load.
 Prints a markdown table, and with --stages the eager time of each stage.
+--backends times the same fp32 CPU inference in eager PyTorch and in onnxruntime (the dynamic
+ONNX export), alternating in one process, and measures each runtime's peak memory in a process
+of its own (petr.benchmark.backends).
 """
 
 import argparse
@@ -51,6 +56,10 @@ parts, postprocessing (training: also the heatmap branch, matching, losses and t
 --compare joint_scores: the same model and weights with MODEL.PETR.JOINT_SCORES none, alternating;
 "x none" = ms with the configured joint scores / ms without (the heatmap branch's cost).
 Peak memory covers every model timed in the process.
+--backends: ms/img of each runtime on one (1, 3, H, W) input with its image_sizes (the exported
+graph's interface; no host resize), alternating in one process; "x torch" = PyTorch ms / this
+runtime's ms. Peak RSS: VmHWM of a separate process that runs only that runtime (onnxruntime:
+numpy + onnxruntime, no torch); "mem x torch" = its peak / PyTorch's. "export s": the ONNX export.
 """
 
 STAGE_LABELS = ("backbone", "neck", "encoder", "proposals", "pose decoder", "joint decoder")
@@ -120,6 +129,20 @@ def build_parser():
         type=int,
         default=20,
         help="person boxes per image for Keypoint R-CNN's keypoint head (default 20)",
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        choices=["torch", "onnxruntime"],
+        help="time fp32 CPU inference in these runtimes instead (eager PyTorch and the dynamic "
+        "ONNX export in onnxruntime), latency alternating in one process, memory each in its own",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of each runtime with --backends (default: torch's default)",
     )
     parser.add_argument(
         "--opts",
@@ -269,9 +292,58 @@ def format_stages(rows) -> str:
     return "\n".join(lines)
 
 
+def format_backends(args, result) -> str:
+    """The --backends table: one row per runtime, ratios against eager PyTorch."""
+    lines = [
+        "| runtime | size | threads | ms/img (min) | x torch | peak RSS MiB | mem x torch "
+        "| export s | notes |",
+        "|" + "---|" * 9,
+    ]
+    base = result.get("torch")
+    for name, r in result.items():
+        speed = f"{base['ms'] / r['ms']:.2f}" if base else "-"
+        mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}" if base else "-"
+        export = f"{r['export_s']:.1f}" if "export_s" in r else "-"
+        note = (
+            f"deform attn {r['deform_attn']}"
+            if "deform_attn" in r
+            else f"max score diff vs torch {r['max_score_diff']:.1e}"
+        )
+        lines.append(
+            f"| {name} | {args.height}x{args.width} | {args.threads} | {r['ms']:.1f} "
+            f"({r['ms_min']:.1f}) | {speed} | {r['peak_rss_mib']:.0f} | {mem} | {export} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def main_backends(parser, args) -> int:
+    if args.train or args.compare or args.compile or args.compile_shapes or args.stages:
+        parser.error(
+            "--backends times fp32 inference only: no --train/--compare/--compile/--stages"
+        )
+    if (args.devices or ["cpu"]) != ["cpu"] or (args.precisions or ["fp32"]) != ["fp32"]:
+        parser.error("--backends runs on the CPU in fp32 (onnxruntime's CPU provider)")
+    if args.batch_size != 1:
+        parser.error("--backends times one image per iteration (--batch-size 1)")
+    from petr.benchmark.backends import run_backends
+
+    args.threads = args.threads or torch.get_num_threads()
+    spec = dict(config_file=args.config_file, opts=args.opts, threads=args.threads)
+    spec.update(height=args.height, width=args.width, warmup=args.warmup, iters=args.iters)
+    result = run_backends(spec, list(dict.fromkeys(args.backends)))
+    print(format_backends(args, result))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.backends:
+        if args.iters < 1 or args.warmup < 0:
+            parser.error("need --iters >= 1 and --warmup >= 0")
+        return main_backends(parser, args)
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("need --iters >= 1, --warmup >= 0 and --batch-size >= 1")
     if args.compare and args.train:

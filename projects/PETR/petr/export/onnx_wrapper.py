@@ -17,11 +17,14 @@ Exporter: on torch >= 2.6 the `torch.export`-based exporter (`dynamo=True`) with
 and W; on older torch (the floor stack, 2.3) the TorchScript tracer, which freezes B, H and W
 at the export size (image_sizes stays an input, so the padding mask is still built in-graph).
 
-Deformable attention: the explicit `deform_attn_backend("reference")` switch. Its GridSample
-decomposition (one GridSample per level) is made of standard ops whose level sizes are already
-symbolic, so it exports with dynamic sizes as is; the compiled `petr._C` kernel cannot run in
-ONNX. An onnxscript translation of `petr::ms_deform_attn` (its SymInt[] level sizes arrive as
-int64 scalars) would keep each call one replaceable unit; it is not written yet.
+Deformable attention: the explicit `deform_attn_backend("reference")` switch, chosen over an
+onnxscript translation of `petr::ms_deform_attn`. The reference's GridSample decomposition (one
+GridSample per level) is made of standard ops whose level sizes are already symbolic, so it
+exports with dynamic sizes as is, and its parity with the kernel is tested; a translation would
+emit the same ops (its SymInt[] level sizes arriving as int64 scalars), only grouped into one
+ONNX function per call, which helps a runtime with a native deformable-attention kernel: we ship
+none, and onnxruntime runs the decomposition (tools/benchmark.py --backends). The compiled
+`petr._C` kernel cannot run in ONNX.
 
 OKS-NMS (MODEL.PETR.OKS_NMS_THRESH_TEST > 0) keeps fixed shapes: `oks_suppressed`, the core of
 the back door's `oks_nms`, marks the dropped poses and the graph sets their scores to 0 (rows

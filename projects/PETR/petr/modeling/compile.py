@@ -58,9 +58,7 @@ def compile_model(
             "differ from eager): compiling one graph per input size"
         )
         dynamic = False
-    log.info(
-        "Compiling the model with torch.compile(mode=%r, dynamic=%s)", mode, dynamic
-    )
+    log.info("Compiling the model with torch.compile(mode=%r, dynamic=%s)", mode, dynamic)
     if backend == "inductor":
         model.compile(mode=mode, dynamic=dynamic)
     else:
