@@ -10,7 +10,8 @@ code for both.
 Latency: one process, the two runtimes alternating (the same load hits both), each with
 `threads` intra-op threads (torch.set_num_threads, SessionOptions.intra_op_num_threads). Idle
 onnxruntime threads do not spin (session.intra_op.allow_spinning 0), so that they take no core
-from the PyTorch iteration that follows.
+from the PyTorch iteration that follows. onnxruntime runs with the session options every PETR
+route uses (petr.utils.ort_session: no memory arena).
 Memory: each runtime in a process of its own, as a deployment runs it: peak RSS (VmHWM) of
 a process that imports only numpy and onnxruntime and runs the graph, against that of a process
 that builds the PyTorch model and runs it. `python -m petr.benchmark.backends memory '<spec>'`
@@ -27,6 +28,8 @@ import time
 from typing import Dict, List
 
 import numpy as np
+
+from petr.utils.ort_session import ort_session
 
 __all__ = ["BACKENDS", "measure_memory", "run_backends"]
 
@@ -52,16 +55,6 @@ def _input(height: int, width: int, seed: int = 0):
     return image, np.array([[height, width]], dtype=np.int64)
 
 
-def _ort_session(path: str, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def _torch_runner(spec: Dict, threads: int):
     """The eager wrapper of the configured model (fp32, CPU) and a function running it."""
     import torch
@@ -83,7 +76,7 @@ def _torch_runner(spec: Dict, threads: int):
 
 
 def _ort_runner(path: str, spec: Dict, threads: int):
-    session = _ort_session(path, threads)
+    session = ort_session(path, threads, spin=False)
     image, sizes = _input(spec["height"], spec["width"])
     return lambda: session.run(None, {"image": image, "image_sizes": sizes})
 

@@ -10,6 +10,7 @@ import torch
 
 from ..data.preprocess import PETRPreprocessor
 from ..modeling.postprocess import pose_instances
+from ..utils.ort_session import ort_session
 from .onnx_wrapper import INPUT_NAMES, OUTPUT_NAMES
 
 __all__ = ["PETRONNXPredictor"]
@@ -21,14 +22,9 @@ class PETRONNXPredictor:
     The graph must take raw 0-255 input (exported without --normalized-input)."""
 
     def __init__(self, cfg, onnx_path: str, providers=("CPUExecutionProvider",), threads=None):
-        import onnxruntime as ort
-
         if cfg.TEST.AUG.ENABLED:
             raise ValueError("TEST.AUG.ENABLED: test-time augmentation is not exported to ONNX")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(onnx_path, options, providers=list(providers))
+        self.session = ort_session(onnx_path, threads, providers)
         names = tuple(i.name for i in self.session.get_inputs())
         if names != INPUT_NAMES:
             raise ValueError(

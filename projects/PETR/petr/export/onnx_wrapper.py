@@ -40,6 +40,7 @@ import torch.nn as nn
 from petr.data.preprocess import batch_tensor
 from petr.layers import deform_attn_backend
 from petr.modeling.postprocess import keypoint_boxes, keypoints_to_pixels, oks_suppressed
+from petr.utils.ort_session import ort_session
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -185,9 +186,7 @@ def export_petr_onnx(
 def run_onnxruntime(path: str, image: torch.Tensor, image_sizes=None) -> Dict[str, np.ndarray]:
     """Run the exported graph on CPU with onnxruntime. image (B, 3, H, W) float32; image_sizes
     (B, 2) (default: every image unpadded)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     if image_sizes is None:
         image_sizes = torch.tensor([image.shape[-2:]] * image.shape[0])
     feeds = {"image": image.detach().cpu().numpy(), "image_sizes": np.asarray(image_sizes)}

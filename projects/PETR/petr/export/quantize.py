@@ -28,6 +28,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from petr.utils.ort_session import ort_session
+
 __all__ = [
     "DEFAULT_OPS",
     "QUANTIZED_OPS",
@@ -104,12 +106,7 @@ def quantize_int8(
 
 
 def _session(path: str, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads)
 
 
 def _feeds(session, image: np.ndarray) -> Dict:
