@@ -58,18 +58,19 @@ def _reference(value, sizes, sampling_locations, attention_weights):
     _, Q, _, L, P, _ = sampling_locations.shape
     value_list = value.split([h * w for h, w in sizes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
-    sampled = []
+    # (N, Q, M, L, P) -> (N*M, 1, Q, L, P)
+    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Q, L, P)
+    out = None
+    # Weighted and summed level by level: no stack of every level's samples (N*M, D, Q, L*P),
+    # which cost the exported graph a Concat and 4x the memory (tools/benchmark.py --backends).
     for lvl, (h, w) in enumerate(sizes):
         # (N, H*W, M, D) -> (N*M, D, H, W)
         v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         # (N, Q, M, P, 2) -> (N*M, Q, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        sampled.append(
-            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )  # (N*M, D, Q, P)
-    # (N, Q, M, L, P) -> (N*M, 1, Q, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Q, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Q)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        level = (sampled * weights[:, :, :, lvl]).sum(-1)  # (N*M, D, Q)
+        out = level if out is None else out + level
     return out.view(N, M * D, Q).transpose(1, 2).contiguous()
 
 
