@@ -39,7 +39,7 @@ PAPER_MS_V100 = {"R50": 89, "R101": 95, "Swin-L": 133}  # PETR paper, Table 2, b
 EPILOG = """\
 Columns: ms/iter is the mean over the timed iterations (min in brackets); ms/img = ms/iter /
 batch. Peak memory: on CUDA torch.cuda.max_memory_allocated (weights included); on CPU the
-increase of the process's peak RSS (ru_maxrss) over its value once the model was built, i.e.
+increase of the process's peak RSS (VmHWM) over its value once the model was built, i.e.
 the activations, gradients and optimiser state of the measured iterations.
 Precisions are autocast over an fp32 model; fp16 only on CUDA. Inference in fp16/bf16 is the
 model's own TEST.AMP (as --eval-only and the demo run it), timed alternating with an fp32 copy
@@ -340,12 +340,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.backends:
-        if args.iters < 1 or args.warmup < 0:
-            parser.error("need --iters >= 1 and --warmup >= 0")
-        return main_backends(parser, args)
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         parser.error("need --iters >= 1, --warmup >= 0 and --batch-size >= 1")
+    if args.backends:
+        return main_backends(parser, args)
     if args.compare and args.train:
         parser.error(f"--compare {args.compare} times inference only; drop --train")
     if args.kpt_boxes < 1:

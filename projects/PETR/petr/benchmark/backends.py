@@ -20,7 +20,6 @@ is that process (so no torch is imported at module level here).
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,22 +30,11 @@ import numpy as np
 
 from petr.utils.ort_session import ort_session
 
+from .rss import peak_rss_mib
+
 __all__ = ["BACKENDS", "measure_memory", "run_backends"]
 
 BACKENDS = ("torch", "onnxruntime")
-
-
-def _rss_mib() -> float:
-    """This process's peak RSS, MiB. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
-    parent through fork and exec, so a child would report at least its parent's size."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _input(height: int, width: int, seed: int = 0):
@@ -105,7 +93,7 @@ def measure_memory(backend: str, spec: Dict, onnx_path: str = "") -> Dict:
     if backend == "onnxruntime":
         import onnxruntime  # noqa: F401  (the import's own memory is part of the baseline)
 
-        baseline = _rss_mib()
+        baseline = peak_rss_mib()
         run = _ort_runner(onnx_path, spec, threads)
     elif backend == "torch":
         import detectron2.modeling  # noqa: F401
@@ -113,13 +101,13 @@ def measure_memory(backend: str, spec: Dict, onnx_path: str = "") -> Dict:
 
         import petr.export  # noqa: F401
 
-        baseline = _rss_mib()
+        baseline = peak_rss_mib()
         _, run = _torch_runner(spec, threads)
     else:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _time(run, spec["warmup"], spec["iters"])
     return {
-        "peak_rss_mib": _rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "import_rss_mib": baseline,
         "torch_imported": "torch" in sys.modules,
     }

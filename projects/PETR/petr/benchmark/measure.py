@@ -1,7 +1,7 @@
 """One benchmark measurement of PETR (inference or training) on synthetic data.
 
 Run as `python -m petr.benchmark.measure '<json spec>'` in a fresh process per measurement, so
-that the process's peak RSS (ru_maxrss) belongs to that measurement alone; prints one JSON line.
+that the process's peak RSS (VmHWM) belongs to that measurement alone; prints one JSON line.
 Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("fp32" | "fp16"
 | "bf16": inference through the model's TEST.AMP, training under torch.autocast), height,
 width, batch_size, warmup, iters; optional compile (bool), compile_mode (torch.compile mode,
@@ -16,7 +16,6 @@ import contextlib
 import copy
 import functools
 import json
-import resource
 import sys
 import time
 from typing import Dict, List
@@ -31,6 +30,7 @@ from petr.engine.solver import build_petr_optimizer
 from petr.layers import ms_deform_attn_backend
 
 from .keypoint_rcnn import KeypointRCNNRunner, keypoint_rcnn_batch
+from .rss import peak_rss_mib
 from .stages import StageTimer
 
 __all__ = ["PEOPLE_PER_IMAGE", "deform_attn_backend", "run_measurement", "synthetic_batch"]
@@ -76,10 +76,6 @@ def _build(spec: Dict):
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _timed(fn, device: str) -> float:
@@ -213,7 +209,7 @@ def run_measurement(spec: Dict) -> Dict:
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_mib()
+    rss_before = peak_rss_mib()
     first_call = {}
     for name, run in runners.items():
         first_call[name] = _timed(run, device)
@@ -231,7 +227,7 @@ def run_measurement(spec: Dict) -> Dict:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = _rss_mib() - rss_before
+        peak = peak_rss_mib() - rss_before
     eager = _stats(times["eager"])
     mean = eager["ms_per_iter"] / 1000.0
     result = {
