@@ -37,7 +37,8 @@ def token_centre_logits(padding_mask, spatial_shapes):
         start += h * w
     p = torch.cat(centres, 1)
     usable = ((p > 0.01) & (p < 0.99)).all(-1) & ~padding_mask
-    logits = torch.log(p / (1 - p)).masked_fill(~usable[..., None], float("inf"))
+    # the mask expanded to (B, S, 2): onnxruntime's Where is slow on a broadcast of 1 element
+    logits = torch.log(p / (1 - p)).masked_fill(~usable[..., None].expand_as(p), float("inf"))
     return logits, usable
 
 
@@ -67,7 +68,8 @@ class PETRPointProposals(nn.Module):
         logits = self.class_head(mem)
         delta = self.kpt_head(mem)
         B, S, _ = delta.shape
-        kpt_logits = (delta.view(B, S, -1, 2) + centres[:, :, None, :]).view(B, S, -1)
+        delta = delta.view(B, S, -1, 2)
+        kpt_logits = (delta + centres[:, :, None, :].expand_as(delta)).view(B, S, -1)
         if S < self.num_proposals:
             raise ValueError(
                 f"The image gives {S} encoder tokens, fewer than MODEL.PETR.NUM_QUERIES="
