@@ -60,7 +60,9 @@ class _DeformAttnBase(nn.Module):
         """value (B, S, C) -> (B, S, M, C / M), padded tokens zeroed."""
         v = self.value_proj(value)
         if padding_mask is not None:
-            v = v.masked_fill_(padding_mask[..., None], 0.0)  # in place: a fresh Linear output
+            # in place: a fresh Linear output; the mask expanded for onnxruntime's Where, which
+            # is slow on a broadcast of 1 element (see sampling_locations)
+            v = v.masked_fill_(padding_mask[..., None].expand_as(v), 0.0)
         return v.view(v.shape[0], v.shape[1], self.num_heads, -1)
 
     def offsets_and_weights(self, query: torch.Tensor):

@@ -63,7 +63,7 @@ class PETRPointProposals(nn.Module):
         centres, usable = token_centre_logits(enc.padding_mask, enc.spatial_shapes)
         # Padded and out-of-range tokens see zero memory, so they share one constant score and
         # can still be selected (inherited from the official two-stage code).
-        mem = enc.memory.masked_fill(~usable[..., None], 0.0)
+        mem = enc.memory.masked_fill(~usable[..., None].expand_as(enc.memory), 0.0)
         mem = self.output_norm(self.output_proj(mem))
         logits = self.class_head(mem)
         delta = self.kpt_head(mem)
