@@ -240,6 +240,61 @@ def test_cli_exports_one_graph_for_every_size_and_batch(exported):
         _assert_close(compare_predictions(_detectron2_predictions(model, images), got))
 
 
+def _innermost_broadcast_run(shapes):
+    """Elements in the run of trailing axes right of the rightmost axis that an elementwise op
+    broadcasts (None: no broadcast; 1: one operand is constant over each run, which onnxruntime
+    handles as a scalar; a symbolic axis counts as long)."""
+    rank = max(len(s) for s in shapes)
+    shapes = [[1] * (rank - len(s)) + list(s) for s in shapes if len(s)]
+    for axis in range(rank - 1, -1, -1):
+        dims = [s[axis] for s in shapes]
+        if 1 in dims and any(d != 1 for d in dims):
+            tail = [max(s[a] for s in shapes) if all(isinstance(s[a], int) for s in shapes)
+                    else 10**6 for a in range(axis + 1, rank)]  # fmt: skip
+            return int(np.prod(tail))
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not onnx_wrapper.DYNAMIC_EXPORT,
+    reason="the floor stack exports a fixed graph through the tracer; this checks the dynamic "
+    "graph that tools/benchmark.py --backends times (and the export fixture is not built there)",
+)
+def test_exported_broadcasts_suit_onnxruntime(exported):
+    """onnxruntime walks a broadcast whose operand varies within a short innermost run element
+    pair by element pair: the sampling-location arithmetic (6-D, per attention layer) took
+    9-14 ms per op for the toy model's encoder that way (tools/benchmark.py --backends). Its
+    operands are expanded first, so every 6-D elementwise op runs over at least L * P * 2
+    elements; masked_fill's mask is expanded to its data's shape (Where)."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(exported[3], load_external_data=False))
+    graph = graph.graph
+    known = {v.name: v.type.tensor_type.shape for v in [*graph.value_info, *graph.input]}
+    known_dims = {i.name: list(i.dims) for i in graph.initializer}
+
+    def shape(name):
+        if name in known_dims:
+            return known_dims[name]
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in known[name].dim]
+
+    six_d = where = 0
+    for node in graph.node:
+        if node.op_type in ("Add", "Sub", "Mul", "Div"):
+            shapes = [shape(i) for i in node.input]
+            if max(len(s) for s in shapes) == 6:
+                six_d += 1
+                run = _innermost_broadcast_run(shapes)
+                assert run in (None, 1) or run >= 8, (node.name, shapes)
+        elif node.op_type == "Where":
+            cond, data = shape(node.input[0]), shape(node.input[2])
+            if len(data) == 3:  # (B, tokens, C) masked_fill
+                where += 1
+                assert cond[-1] == data[-1], (node.name, cond, data)
+    assert six_d >= 8 and where >= 2  # every attention layer's arithmetic was looked at
+
+
 def _assert_same_instances(got, want):
     assert got.image_size == want.image_size and len(got) == len(want)
     np.testing.assert_allclose(got.scores.numpy(), want.scores.numpy(), atol=SCORE_ATOL)
