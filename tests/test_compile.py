@@ -52,40 +52,6 @@ def test_dynamic_compile_is_asked_only_where_torch_can_honour_it(monkeypatch, ha
     assert asked["dynamic"] is False
 
 
-def test_only_inference_only_compiles_freeze_the_weights(monkeypatch):
-    """Freezing makes the weights graph constants: training (whose weights change after the
-    first call) must never get it; --eval-only and the predictor get MODEL.PETR.COMPILE.FREEZE."""
-    asked = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: asked.append(kwargs))
-    cfg = opera_tiny_cfg()
-    cfg.MODEL.PETR.COMPILE.ENABLED = True
-    PETRTrainer.build_model(cfg)  # what DefaultTrainer calls for training
-    PETRTrainer.build_model(cfg, inference_only=True)  # --eval-only
-    cfg.MODEL.PETR.COMPILE.MODE = "max-autotune-no-cudagraphs"
-    PETRTrainer.build_model(cfg, inference_only=True)
-    cfg.MODEL.PETR.COMPILE.FREEZE = False
-    PETRTrainer.build_model(cfg, inference_only=True)
-    dynamic = asked[0]["dynamic"]
-    assert asked[0] == {"mode": "default", "dynamic": dynamic}
-    assert asked[1] == {"options": {"freezing": True}, "dynamic": dynamic}
-    # torch.compile takes a mode or options, not both: the mode's own options are kept
-    assert asked[2]["options"]["freezing"] is True
-    assert asked[2]["options"]["max_autotune"] is True
-    assert "mode" not in asked[2]
-    assert asked[3] == {"mode": "max-autotune-no-cudagraphs", "dynamic": dynamic}
-
-
-def test_demo_predictor_compiles_for_inference_only(monkeypatch):
-    from petr.demo.predictor import PETRPredictor
-
-    asked = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: asked.append(kwargs))
-    cfg = opera_tiny_cfg()
-    cfg.MODEL.PETR.COMPILE.ENABLED = True
-    PETRPredictor(cfg)
-    assert asked == [{"options": {"freezing": True}, "dynamic": asked[0]["dynamic"]}]
-
-
 @pytest.mark.slow
 def test_compiled_model_matches_the_official_outputs(tmp_path):
     weights = str(tmp_path / "petr_tiny_d2.pth")
@@ -94,7 +60,7 @@ def test_compiled_model_matches_the_official_outputs(tmp_path):
     model = opera_tiny_model(weights).eval()
     cfg = opera_tiny_cfg()
     cfg.MODEL.PETR.COMPILE.ENABLED = True
-    compile_model(model, cfg, inference_only=True)  # frozen weights, as --eval-only compiles
+    compile_model(model, cfg)
     image = {"image": io["image_rgb"].permute(2, 0, 1)}
     torch._dynamo.reset()
     with torch.no_grad():

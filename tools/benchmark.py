@@ -45,8 +45,7 @@ Precisions are autocast over an fp32 model; fp16 only on CUDA. Inference in fp16
 model's own TEST.AMP (as --eval-only and the demo run it), timed alternating with an fp32 copy
 of the model in the same process: "x fp32" = fp32 eager ms / this row's eager (or compiled) ms.
 compiled static / dynamic: torch.compile(model, mode=--compile-mode, dynamic=False / True) on the
-same weights (--compile-shapes), inference with inductor's freezing as --eval-only compiles it
-(MODEL.PETR.COMPILE.FREEZE; pass MODEL.PETR.COMPILE.FREEZE False to time without); "compile s" is its first call (compilation included: static
+same weights (--compile-shapes); "compile s" is its first call (compilation included: static
 compiles again for every input size, dynamic once for all sizes); "x eager" = eager ms /
 compiled ms. Keypoint R-CNN:
 model-zoo COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml, random weights, score threshold 0 so

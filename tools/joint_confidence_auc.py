@@ -41,7 +41,7 @@ def joint_confidence_auc(cfg, dataset, oks_threshold=0.5, config_file=None):
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATASETS.TEST = (dataset,)
-    model = PETRTrainer.build_model(cfg, inference_only=True)
+    model = PETRTrainer.build_model(cfg)
     PETRCheckpointer.from_config(cfg, model, config_file=config_file).load(cfg.MODEL.WEIGHTS)
     evaluator = JointConfidenceEvaluator(dataset, oks_threshold)
     return PETRTrainer.test(cfg, model, [evaluator]).get("joint_confidence", {})

@@ -66,7 +66,7 @@ def main(args):
     register_datasets(args)
     cfg = setup(args)
     if args.eval_only:
-        model = PETRTrainer.build_model(cfg, inference_only=True)
+        model = PETRTrainer.build_model(cfg)
         checkpointer = PETRCheckpointer.from_config(
             cfg, model, cfg.OUTPUT_DIR, config_file=args.config_file
         )

@@ -186,14 +186,10 @@ def _add_model_config(cfg):
     # MODE is torch.compile's: "default", "reduce-overhead", "max-autotune",
     # "max-autotune-no-cudagraphs". DYNAMIC: symbolic image sizes, so one graph serves every
     # input size (per batch size); False compiles a graph per input size (fixed-size inputs).
-    # FREEZE: inference-only compiles (--eval-only, the demo predictor, the benchmark) use
-    # inductor's freezing: weights become graph constants (frozen BN folded into convolutions,
-    # weights prepacked). Never in training, whose weights change after the first call.
     p.COMPILE = CN()
     p.COMPILE.ENABLED = False
     p.COMPILE.MODE = "default"
     p.COMPILE.DYNAMIC = True
-    p.COMPILE.FREEZE = True
 
 
 def _add_swin_config(cfg):

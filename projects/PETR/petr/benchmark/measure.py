@@ -7,8 +7,7 @@ Spec keys: config_file, opts, mode ("inference" | "train"), device, precision ("
 width, batch_size, warmup, iters; optional compile (bool), compile_mode (torch.compile mode,
 default MODEL.PETR.COMPILE.MODE), compile_backend (default "inductor"), compile_shapes (a list
 of "static" | "dynamic": torch.compile's dynamic=False / True, one compiled model each; default
-MODEL.PETR.COMPILE.DYNAMIC's), compile_freeze (inductor freezing of the compiled inference
-model, default MODEL.PETR.COMPILE.FREEZE as --eval-only; never in training), compare ("keypoint_rcnn" | "joint_scores"), kpt_boxes (person
+MODEL.PETR.COMPILE.DYNAMIC's), compare ("keypoint_rcnn" | "joint_scores"), kpt_boxes (person
 boxes per image for Keypoint R-CNN's keypoint head, default 20) and stages (bool: also time
 each stage of the eager model).
 """
@@ -29,7 +28,6 @@ from petr.checkpoint.checkpointer import PETRCheckpointer
 from petr.data.synthetic import random_person_batch
 from petr.engine.solver import build_petr_optimizer
 from petr.layers import ms_deform_attn_backend
-from petr.modeling.compile import inductor_kwargs
 
 from .keypoint_rcnn import KeypointRCNNRunner, keypoint_rcnn_batch
 from .rss import peak_rss_mib
@@ -183,14 +181,9 @@ def run_measurement(spec: Dict) -> Dict:
             if backend == "inductor"
             else None
         )
-        freeze = not train and spec.get("compile_freeze", cfg.MODEL.PETR.COMPILE.FREEZE)
         for shapes in compile_shapes(spec, cfg):
-            dynamic = shapes == "dynamic"
-            if backend == "inductor":
-                kwargs = inductor_kwargs(mode, dynamic, bool(freeze))
-            else:
-                kwargs = {"backend": backend, "dynamic": dynamic}
-            runners[f"compiled {shapes}"] = functools.partial(step, torch.compile(model, **kwargs))
+            compiled = torch.compile(model, backend=backend, mode=mode, dynamic=shapes == "dynamic")
+            runners[f"compiled {shapes}"] = functools.partial(step, compiled)
     if compare == "joint_scores":  # the same model and weights, MODEL.PETR.JOINT_SCORES none
         joint_mode = model.joint_scores
 

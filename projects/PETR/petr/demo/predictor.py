@@ -43,7 +43,7 @@ class PETRPredictor(DefaultPredictor):
             cfg.MODEL.WEIGHTS
         )
         self.input_format = cfg.INPUT.FORMAT
-        compile_model(self.model, cfg, inference_only=True)  # MODEL.PETR.COMPILE
+        compile_model(self.model, cfg)  # MODEL.PETR.COMPILE
         self.preprocessor = PETRPreprocessor(cfg)
         self.resize = True
         if cfg.TEST.AUG.ENABLED:

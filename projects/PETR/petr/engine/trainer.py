@@ -96,15 +96,14 @@ class PETRTrainer(DefaultTrainer):
         return ret
 
     @classmethod
-    def build_model(cls, cfg, inference_only: bool = False):
+    def build_model(cls, cfg):
         """DefaultTrainer's model, after the MODEL.DEVICE check, checked against the TEST
         datasets (now, not at the first evaluation hours later), compiled in place when
-        MODEL.PETR.COMPILE.ENABLED (training and --eval-only both build the model here;
-        `inference_only`, for --eval-only, lets MODEL.PETR.COMPILE.FREEZE apply)."""
+        MODEL.PETR.COMPILE.ENABLED (training and --eval-only both build the model here)."""
         check_config(cfg)
         model = super().build_model(cfg)
         check_keypoint_compat(cfg, model)
-        return compile_model(model, cfg, inference_only=inference_only)
+        return compile_model(model, cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

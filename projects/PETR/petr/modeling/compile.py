@@ -19,14 +19,6 @@ e.g. the toy model's, not R50 at COCO sizes) splits the sizes into a few ranges,
 before: past torch._dynamo.config.recompile_limit sizes (8) dynamo runs the model eagerly, so
 that suits inputs of a few fixed sizes (video, a fixed test resolution) only.
 
-MODEL.PETR.COMPILE.FREEZE (default) applies to inference-only compiles: --eval-only, the demo
-predictor and the benchmark's compiled inference (`inference_only=True`). Inductor's freezing
-then makes the weights graph constants when the model is first called without grad: frozen
-BatchNorm folds into the convolutions and convolution and linear weights are prepacked for
-oneDNN/MKL. It is never used for training: its weights change after compilation, and a frozen
-graph would go on using the old ones at the periodic evaluation. On CPU it made the dynamic
-R50 graph faster, at a longer compile (tools/benchmark.py, see the README).
-
 Before torch 2.4 (the 2024 floor stack) DYNAMIC is not honoured: the attention kernel breaks the
 graph there anyway, and inductor's symbolic-size graphs of PETR (torch 2.3.1) gave scores up to
 8e-3 away from eager on the official tiny model, so the model compiles one graph per size.
@@ -38,36 +30,18 @@ import torch.nn as nn
 
 from petr.utils.compat import HAS_CUSTOM_OP
 
-__all__ = ["COMPILE_MODES", "compile_model", "inductor_kwargs"]
+__all__ = ["COMPILE_MODES", "compile_model"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def inductor_kwargs(mode: str, dynamic: bool, freeze: bool) -> dict:
-    """torch.compile's keyword arguments for inductor in `mode`, with freezing when `freeze`:
-    torch.compile takes a mode or inductor options, not both, so freezing joins the mode's own
-    options."""
-    if not freeze:
-        return {"mode": mode, "dynamic": dynamic}
-    from torch._inductor import list_mode_options
-
-    options = dict(list_mode_options(mode, dynamic)) if mode != "default" else {}
-    return {"options": {**options, "freezing": True}, "dynamic": dynamic}
-
-
 def compile_model(
-    model: nn.Module,
-    cfg,
-    force: bool = False,
-    mode: str | None = None,
-    backend="inductor",
-    inference_only: bool = False,
+    model: nn.Module, cfg, force: bool = False, mode: str | None = None, backend="inductor"
 ) -> nn.Module:
     """Compile `model` in place when MODEL.PETR.COMPILE.ENABLED (or `force`) is set, with
-    MODEL.PETR.COMPILE.MODE (or `mode`) and MODEL.PETR.COMPILE.DYNAMIC, and with
-    MODEL.PETR.COMPILE.FREEZE when `inference_only` (the model's weights never change after its
-    first call). `backend` is torch.compile's (tests count graphs with dynamo's
-    CompileCounter; MODE and FREEZE then do not apply). Returns the model."""
+    MODEL.PETR.COMPILE.MODE (or `mode`) and MODEL.PETR.COMPILE.DYNAMIC. `backend` is
+    torch.compile's (tests count graphs with dynamo's CompileCounter; MODE then does not
+    apply). Returns the model."""
     if not (force or cfg.MODEL.PETR.COMPILE.ENABLED):
         return model
     mode = mode or cfg.MODEL.PETR.COMPILE.MODE
@@ -84,15 +58,9 @@ def compile_model(
             "differ from eager): compiling one graph per input size"
         )
         dynamic = False
-    if backend != "inductor":
+    log.info("Compiling the model with torch.compile(mode=%r, dynamic=%s)", mode, dynamic)
+    if backend == "inductor":
+        model.compile(mode=mode, dynamic=dynamic)
+    else:
         model.compile(backend=backend, dynamic=dynamic)
-        return model
-    freeze = inference_only and bool(cfg.MODEL.PETR.COMPILE.FREEZE)
-    log.info(
-        "Compiling the model with torch.compile(mode=%r, dynamic=%s, freezing=%s)",
-        mode,
-        dynamic,
-        freeze,
-    )
-    model.compile(**inductor_kwargs(mode, dynamic, freeze))
     return model

@@ -5,7 +5,7 @@ The CPU memory arena and the memory-pattern planner are off. With them on (onnxr
 defaults) PETR-R50 at 800x1333 peaked at 3.5 GB RSS, 2.3x eager PyTorch's, because the arena
 keeps the largest intermediate of every shape the run saw (the deformable attention's sampled
 values, the backbone's im2col buffers); without them it peaked at 2.0 GB at the same speed
-(2 threads, onnxruntime 1.23, tools/benchmark.py --backends).
+(2 threads, onnxruntime 1.32, tools/benchmark.py --backends).
 """
 
 __all__ = ["ort_session"]
