@@ -264,7 +264,7 @@ def _innermost_broadcast_run(shapes):
 def test_exported_broadcasts_suit_onnxruntime(exported):
     """onnxruntime walks a broadcast whose operand varies within a short innermost run element
     pair by element pair: the sampling-location arithmetic (6-D, per attention layer) took
-    9-14 ms per op for the toy model's encoder that way (tools/benchmark.py --backends). Its
+    8-10 ms per op for the toy model's encoder that way (onnxruntime's profile, 1 thread). Its
     operands are expanded first, so every 6-D elementwise op runs over at least L * P * 2
     elements; masked_fill's mask is expanded to its data's shape (Where)."""
     import onnx
