@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import math
-import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 import torch
 
 msda = importlib.import_module("petr.layers.ms_deform_attn")
+peak_rss_mib = importlib.import_module("petr.benchmark.rss").peak_rss_mib
 
 LEVELS = [(100, 152), (50, 76), (25, 38), (13, 19)]
 HEADS, CHANNELS = 8, 32
@@ -126,13 +126,6 @@ def time_backends(names, inputs, backward, repeat, device):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _rss_mib():
-    status = open("/proc/self/status").read()
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
-    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-    return hwm / 1024, rss / 1024
-
-
 def peak_memory_mib(case, backend, backward, device, dtype):
     """Extra peak memory (MiB) of one call, beyond its inputs."""
     if device.type == "cuda":
@@ -161,9 +154,9 @@ def _measure_cpu_child(case, backend, backward, dtype_name):
             t.requires_grad_(True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS (Linux >= 4.0)
-    _, base = _rss_mib()
+    base = peak_rss_mib()  # the current RSS, just after the reset
     run_once(BACKENDS[backend], inputs, backward)
-    peak, _ = _rss_mib()
+    peak = peak_rss_mib()
     print(json.dumps({"peak_mib": peak - base}))
 
 
